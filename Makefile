@@ -1,0 +1,30 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.muse-installed
+# Kernel tests run on CPU tensors through the Triton interpreter unless a GPU is present.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_GPU),0)
+  TEST_ENV := TRITON_INTERPRET=1
+endif
+
+.PHONY: venv test test-gpu demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(TEST_ENV) $(PY) -m muse_kernels.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

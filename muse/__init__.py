@@ -1,0 +1,1 @@
+"""MUSE tokenizer."""

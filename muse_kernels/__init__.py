@@ -1,0 +1,10 @@
+"""muse-kernels: fused kernels for MUSE Synergistic attention.
+
+Attention that returns its probability maps at flash speed, with MUSE's gradient routing
+(dV from the output, dQ/dK only from the maps' own loss).
+"""
+
+from muse_kernels.functional import synergistic_attention
+
+__all__ = ["synergistic_attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,500 @@
+"""Synergistic attention: softmax(scale·QKᵀ)·V that also returns its maps, with routed gradients.
+
+Forward
+  * ``_synergistic_attention_fwd_kernel`` streams key blocks flash-style (online softmax, exp2) and
+    writes ``out`` and the row log-sum-exp (base 2). One program per (batch·head, query block) on a
+    1-D grid, so the number of (batch, head) pairs is not bounded by CUDA's 65535 limit on grid
+    axes 1 and 2.
+  * ``_synergistic_attention_maps_kernel`` writes normalized maps from the stored LSE, one program per
+    (map, query block, key block). For head-mean maps a program loops over the heads and averages in
+    registers: deterministic, no atomics, and the (B, H, N, N) tensor never exists.
+
+Backward (two deterministic kernels, no atomics)
+  * ``_synergistic_attention_bwd_dq_kernel`` (per query block) computes the row term
+    Δ = rowsum(P ⊙ dP) and then dQ.
+  * ``_synergistic_attention_bwd_dkdv_kernel`` (per key block) computes dV = Pᵀ·dO and dK.
+  With the shield on, dP is only the maps' gradient (dO·Vᵀ is never formed); with it off, dP = dO·Vᵀ
+  plus the maps' gradient. Head-mean map gradients are read with a zero head stride and weight 1/H.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAP_MODES = ("none", "per_head", "head_mean")
+
+
+@triton.jit
+def _synergistic_attention_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < N
+        k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Column 0 is valid in the first block, so m_new is finite from the first iteration on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _synergistic_attention_maps_kernel(
+    Q, K, Lse, Attn,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_ab, stride_ah, stride_am, stride_an,
+    H, N, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    tiles = num_m_blocks * num_n_blocks
+    map_idx = pid // tiles
+    tile = pid % tiles
+    m_block = tile // num_n_blocks
+    n_block = tile % num_n_blocks
+    if HEAD_MEAN:
+        b = map_idx.to(tl.int64)
+        h_first = 0
+        num_heads = H
+    else:
+        b = (map_idx // H).to(tl.int64)
+        h_first = map_idx % H
+        num_heads = 1
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    col_ok = offs_n < N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for h_step in range(0, num_heads):
+        h = (h_first + h_step).to(tl.int64)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_t = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                      mask=col_ok[None, :], other=0.0)
+        lse = tl.load(Lse + (b * H + h) * N + offs_m, mask=row_ok, other=0.0)
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+        acc += tl.exp2(s - lse[:, None])
+    if HEAD_MEAN:
+        acc = acc / H
+        h_out = 0
+    else:
+        h_out = h_first.to(tl.int64)
+    a_ptrs = (Attn + b * stride_ab + h_out * stride_ah
+              + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :].to(tl.int64) * stride_an)
+    tl.store(a_ptrs, acc.to(Attn.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _synergistic_attention_bwd_dq_kernel(
+    Q, K, V, Out, dOut, dAttn, Lse, Delta, dQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dab, stride_dah, stride_dam, stride_dan,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, qk_scale_log2, sm_scale, attn_grad_weight,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SHIELD: tl.constexpr, HAS_DATTN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    bh = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    da_base = dAttn + b * stride_dab + h * stride_dah + offs_m[:, None].to(tl.int64) * stride_dam
+
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if not SHIELD:
+        # rowsum(P ⊙ dO·Vᵀ) = rowsum(dO ⊙ O): the output path's share of Δ without a pass over keys.
+        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                     + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DATTN:
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < N
+            k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[:, None])
+            da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            delta += tl.sum(p * (da.to(tl.float32) * attn_grad_weight), 1)
+    tl.store(Delta + bh.to(tl.int64) * N + offs_m, delta, mask=row_ok)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < N
+        k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if not SHIELD:
+            v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            dp = tl.dot(do.to(v_t.dtype), v_t, dp, input_precision=INPUT_PRECISION)
+        if HAS_DATTN:
+            da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            dp += da.to(tl.float32) * attn_grad_weight
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _synergistic_attention_bwd_dkdv_kernel(
+    Q, K, V, dOut, dAttn, Lse, Delta, dK, dV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dab, stride_dah, stride_dam, stride_dan,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N, qk_scale_log2, sm_scale, attn_grad_weight,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SHIELD: tl.constexpr, HAS_DATTN: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    bh = pid // num_n_blocks
+    n_block = pid % num_n_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = dOut + b * stride_dob + h * stride_doh
+    da_base = dAttn + b * stride_dab + h * stride_dah + offs_n[:, None].to(tl.int64) * stride_dan
+    stat_base = bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < N
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # +inf for padded query rows makes their probabilities exactly 0.
+        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf"))
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[None, :])
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if COMPUTE_DK:
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if not SHIELD:
+                dp_t = tl.dot(v, tl.trans(do.to(v.dtype)), dp_t, input_precision=INPUT_PRECISION)
+            if HAS_DATTN:
+                da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
+                               mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+                dp_t += da_t.to(tl.float32) * attn_grad_weight
+            delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+
+    tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             (dk * sm_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations. Fixed per (kernel, head dim, dtype) rather than autotuned, so that every
+# configuration that can run is known, compiled ahead of time for sm_80 / sm_90 by `muse_kernels.aot`
+# and checked against the shared-memory limit in the tests.
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    if head_dim <= 64:
+        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return LaunchConfig(block_m=64, block_n=32 if dtype == torch.float32 else 64, num_warps=4, num_stages=2)
+
+
+def maps_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    if head_dim <= 64:
+        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
+    return LaunchConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # Triton's tl.dot rounds fp32 operands to TF32 by default; honour PyTorch's switch instead.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _bhn_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _map_strides(attn: torch.Tensor | None, map_mode: str) -> tuple[int, int, int, int]:
+    """(batch, head, query, key) strides; head-mean maps are shared by all heads (head stride 0)."""
+    if attn is None:
+        return 0, 0, 0, 0
+    if map_mode == "per_head":
+        return attn.stride(0), attn.stride(1), attn.stride(2), attn.stride(3)
+    return attn.stride(0), 0, attn.stride(1), attn.stride(2)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output_like(v: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) output stored as (B, N, H, D), so that merging heads afterwards is a free view."""
+    bsz, heads, seq, dim = v.shape
+    return v.new_empty(bsz, seq, heads, dim).transpose(1, 2)
+
+
+def synergistic_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, map_mode: str, attn_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, attn, lse2); ``attn`` is an empty tensor when ``map_mode == "none"``."""
+    bsz, heads, seq, dim = q.shape
+    out = new_output_like(v)
+    lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    precision = _input_precision(q.dtype)
+    qk_scale_log2 = scale * LOG2E
+
+    cfg = fwd_config(dim, q.dtype)
+    grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
+    _synergistic_attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
+        heads, seq, qk_scale_log2,
+        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    if map_mode == "none":
+        return out, q.new_empty(0, dtype=attn_dtype), lse
+    head_mean = map_mode == "head_mean"
+    map_shape = (bsz, seq, seq) if head_mean else (bsz, heads, seq, seq)
+    attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
+    cfg = maps_config(dim, q.dtype)
+    num_maps = bsz if head_mean else bsz * heads
+    grid = (num_maps * triton.cdiv(seq, cfg.block_m) * triton.cdiv(seq, cfg.block_n),)
+    _synergistic_attention_maps_kernel[grid](
+        q, k, lse, attn,
+        *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn, map_mode),
+        heads, seq, qk_scale_log2,
+        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_MEAN=head_mean,
+        INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, attn, lse
+
+
+def synergistic_attention_backward(
+    grad_out: torch.Tensor | None,
+    grad_attn: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, map_mode: str, shield: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bsz, heads, seq, dim = q.shape
+    if grad_out is None:
+        # A stride-0 view of one zero: the kernels read it like any dO, no B·H·N·D buffer.
+        grad_out = v.new_zeros(1).expand(bsz, heads, seq, dim)
+    has_dattn = grad_attn is not None and map_mode != "none"
+    need_dqk = has_dattn or not shield
+    dv = torch.empty_like(v)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    delta = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    precision = _input_precision(q.dtype)
+    qk_scale_log2 = scale * LOG2E
+    attn_grad_weight = 1.0 / heads if map_mode == "head_mean" else 1.0
+    dattn = grad_attn if has_dattn else delta  # any valid pointer: never read when HAS_DATTN is off
+    da_strides = _map_strides(grad_attn if has_dattn else None, map_mode)
+    do_strides = (*_bhn_strides(grad_out), grad_out.stride(3))
+
+    cfg = bwd_config(dim, q.dtype)
+    if need_dqk:
+        grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
+        _synergistic_attention_bwd_dq_kernel[grid](
+            q, k, v, out, grad_out, dattn, lse, delta, dq,
+            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
+            *do_strides, *da_strides, *_bhn_strides(dq),
+            heads, seq, qk_scale_log2, scale, attn_grad_weight,
+            HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            SHIELD=shield, HAS_DATTN=has_dattn, INPUT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        # Shielded and the maps carry no gradient: Q and K receive exactly zero.
+        dq.zero_()
+
+    grid = (bsz * heads * triton.cdiv(seq, cfg.block_n),)
+    _synergistic_attention_bwd_dkdv_kernel[grid](
+        q, k, v, grad_out, dattn, lse, delta, dk, dv,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
+        *do_strides, *da_strides, *_bhn_strides(dk), *_bhn_strides(dv),
+        heads, seq, qk_scale_log2, scale, attn_grad_weight,
+        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SHIELD=shield, HAS_DATTN=has_dattn, COMPUTE_DK=need_dqk, INPUT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not need_dqk:
+        dk.zero_()
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration: opaque custom ops with fake implementations, so that torch.compile
+# traces through them without a graph break, and an autograd formula that routes the gradients.
+
+
+@torch.library.custom_op("muse_kernels::synergistic_attention_fwd", mutates_args=())
+def _synergistic_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)
+
+
+@_synergistic_attention_fwd_op.register_fake
+def _(q, k, v, scale, map_mode, attn_dtype, shield):
+    bsz, heads, seq, _ = q.shape
+    if map_mode == "none":
+        attn = q.new_empty(0, dtype=attn_dtype)
+    elif map_mode == "head_mean":
+        attn = q.new_empty(bsz, seq, seq, dtype=attn_dtype)
+    else:
+        attn = q.new_empty(bsz, heads, seq, seq, dtype=attn_dtype)
+    return new_output_like(v), attn, q.new_empty(bsz, heads, seq, dtype=torch.float32)
+
+
+@torch.library.custom_op("muse_kernels::synergistic_attention_bwd", mutates_args=())
+def _synergistic_attention_bwd_op(
+    grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, map_mode: str, shield: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return synergistic_attention_backward(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield)
+
+
+@_synergistic_attention_bwd_op.register_fake
+def _(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, map_mode, _attn_dtype, shield = inputs
+    out, _attn, lse = output
+    # Unused outputs arrive as None: "maps unused" is then known exactly, not guessed from zeros.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
+
+
+def _backward(ctx, grad_out, grad_attn, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _synergistic_attention_bwd_op(
+        grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.map_mode, ctx.shield
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_synergistic_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def synergistic_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    scale: float, return_attn: str | None, attn_dtype: torch.dtype, shield: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    map_mode = "none" if return_attn is None else return_attn
+    out, attn, _lse = _synergistic_attention_fwd_op(q, k, v, float(scale), map_mode, attn_dtype, shield)
+    return out, (None if return_attn is None else attn)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

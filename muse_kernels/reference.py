@@ -1,0 +1,47 @@
+"""Pure-PyTorch references, shared by the ``torch`` backend, the tests and the benchmarks.
+
+They follow the official MUSE code: logits in the input dtype, softmax in fp32 (or fp64 for fp64
+inputs), the map cast back to the value dtype for ``A·V``, and the gradient shield as
+``stopgrad(A)·V``. Every N×N map is materialized: this is the eager baseline the kernels replace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAP_KINDS = ("per_head", "head_mean")
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """A = softmax(scale · q·kᵀ) with the softmax in fp32 (fp64 for fp64 inputs); shape (B, H, N, N)."""
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.softmax(logits.to(_softmax_dtype(logits.dtype)), dim=-1)
+
+
+def synergistic_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    return_attn: str | None = None,
+    attn_dtype: torch.dtype | None = torch.float32,
+    shield: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager Synergistic attention. ``attn_dtype=None`` keeps the maps in the softmax dtype."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    probs = attention_probs(q, k, scale)
+    # The gradient shield: the output path treats the map as a constant, so only the maps' own
+    # gradient reaches q and k.
+    mixing = probs.detach() if shield else probs
+    out = torch.matmul(mixing.to(v.dtype), v)
+    if return_attn is None:
+        return out, None
+    attn = probs if return_attn == "per_head" else probs.mean(dim=1)
+    if attn_dtype is not None:
+        attn = attn.to(attn_dtype)
+    return out, attn

@@ -1,0 +1,41 @@
+"""Shared test helpers: input layouts and the FlashAttention tolerance rule."""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute slack on top of twice the eager same-dtype error: a few units in the last place at the
+# unit scale the tests use, so that an exactly-matching eager result (error 0) does not demand
+# bit-identical kernels.
+FLASH_RULE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-10}
+
+
+def assert_flash_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor,
+                      dtype: torch.dtype) -> None:
+    """max |ours − ref| ≤ 2 · max |torch-same-dtype − ref| + atol (the FlashAttention test rule)."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    ours_err = (ours.double().cpu() - ref.double().cpu()).abs().max().item()
+    eager_err = (same_dtype.double().cpu() - ref.double().cpu()).abs().max().item()
+    bound = 2 * eager_err + FLASH_RULE_ATOL[dtype]
+    assert ours_err <= bound, f"{name}: max|ours-ref|={ours_err:.3e} > 2*{eager_err:.3e}+atol={bound:.3e}"
+
+
+def make_qkv(shape, dtype, device, layout: str = "contiguous", seed: int = 0):
+    """q, k, v of ``shape`` (B, H, N, D) in one of three memory layouts:
+
+    * ``contiguous``;
+    * ``bnhd``: views of one packed (B, N, 3, H, D) projection output, as a model produces them;
+    * ``sliced``: rows sliced out of a wider (B, H, N, 6·D) buffer (row stride 6·D).
+    """
+    bsz, heads, seq, dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        base = torch.randn(3, bsz, heads, seq, dim, generator=gen).to(device=device, dtype=dtype)
+        return [base[i].contiguous() for i in range(3)]
+    if layout == "bnhd":
+        packed = torch.randn(bsz, seq, 3, heads, dim, generator=gen).to(device=device, dtype=dtype)
+        return [packed[:, :, i].transpose(1, 2) for i in range(3)]
+    if layout == "sliced":
+        wide = torch.randn(bsz, heads, seq, 6 * dim, generator=gen).to(device=device, dtype=dtype)
+        return [wide[..., 2 * i * dim:(2 * i + 1) * dim] for i in range(3)]
+    raise ValueError(f"unknown layout {layout!r}")

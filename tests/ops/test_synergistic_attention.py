@@ -1,0 +1,231 @@
+"""Synergistic attention: parity with an fp64 reference (FlashAttention rule), the gradient shield,
+strided inputs, bad input, torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import assert_flash_rule, make_qkv
+from muse_kernels import synergistic_attention
+from muse_kernels.reference import synergistic_attention_reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SEQ_LENS = (1, 2, 17, 64, 100, 257)
+MODES = (None, "per_head", "head_mean")
+
+
+def _run(q, k, v, *, backend, return_attn, shield, attn_dtype, grad_out, grad_attn):
+    """Forward, then the gradients for the given upstream gradients (grad_attn None: maps unused)."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, attn = synergistic_attention(q, k, v, return_attn=return_attn, shield=shield,
+                                      attn_dtype=attn_dtype, backend=backend)
+    outputs, grads = [out], [grad_out.to(out.dtype)]
+    if grad_attn is not None:
+        outputs.append(attn)
+        grads.append(grad_attn.to(attn.dtype))
+    # The eager reference leaves q, k out of the graph when shielded maps are unused; the kernels must
+    # still return real (zero) gradients, so only the reference may report them unused.
+    eager = backend == "torch"
+    dq, dk, dv = torch.autograd.grad(outputs, (q, k, v), grads, allow_unused=eager, materialize_grads=eager)
+    return out, attn, dq, dk, dv
+
+
+def check_parity(shape, dtype, device, *, return_attn, shield, maps_used=True, layout="contiguous",
+                 attn_dtype=torch.float32):
+    q, k, v = make_qkv(shape, dtype, device, layout)
+    bsz, heads, seq, _ = shape
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grad_attn = None
+    if return_attn is not None and maps_used:
+        map_shape = (bsz, heads, seq, seq) if return_attn == "per_head" else (bsz, seq, seq)
+        grad_attn = torch.randn(map_shape, generator=gen, dtype=torch.float64)
+
+    def upstream(t):
+        return None if t is None else t.to(device)
+
+    ours = _run(q, k, v, backend="triton", return_attn=return_attn, shield=shield, attn_dtype=attn_dtype,
+                grad_out=upstream(grad_out), grad_attn=upstream(grad_attn))
+    # The eager same-dtype baseline keeps its maps in the dtype ours writes them in.
+    eager = _run(q.cpu(), k.cpu(), v.cpu(), backend="torch", return_attn=return_attn, shield=shield,
+                 attn_dtype=attn_dtype, grad_out=grad_out, grad_attn=grad_attn)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    out64, attn64 = synergistic_attention_reference(q64, k64, v64, return_attn=return_attn, shield=shield,
+                                                    attn_dtype=None)
+    outputs, grads = [out64], [grad_out]
+    if grad_attn is not None:
+        outputs.append(attn64)
+        grads.append(grad_attn)
+    ref = (out64, attn64, *torch.autograd.grad(outputs, (q64, k64, v64), grads, materialize_grads=True))
+
+    names = ("out", "attn", "dq", "dk", "dv")
+    for name, o, e, r in zip(names, ours, eager, ref):
+        if name == "attn" and return_attn is None:
+            assert o is None
+            continue
+        assert o.dtype == e.dtype, f"{name}: dtype {o.dtype} != eager {e.dtype}"
+        assert_flash_rule(name, o, e, r, dtype)
+    if shield and grad_attn is None:
+        assert torch.count_nonzero(ours[2]) == 0 and torch.count_nonzero(ours[3]) == 0
+    return ours
+
+
+# Every N with every dtype, shield setting and map kind (maps in the loss), D = 64, B·H = 2·3.
+@pytest.mark.parametrize("seq", SEQ_LENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shield", (True, False), ids=("shield", "noshield"))
+@pytest.mark.parametrize("return_attn", MODES, ids=str)
+def test_parity_grid(seq, dtype, shield, return_attn, device):
+    check_parity((2, 3, seq, 64), dtype, device, return_attn=return_attn, shield=shield)
+
+
+# Every supported head dim, with awkward N, strided layouts and both map dtypes.
+@pytest.mark.parametrize("dim", (16, 32, 64, 128))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seq,layout,return_attn,shield,attn_dtype", [
+    (17, "bnhd", "per_head", False, torch.float32),
+    (100, "sliced", "head_mean", True, torch.bfloat16),
+    (67, "bnhd", "head_mean", False, torch.bfloat16),
+])
+def test_parity_head_dims_and_layouts(dim, dtype, seq, layout, return_attn, shield, attn_dtype, device):
+    check_parity((2, 2, seq, dim), dtype, device, return_attn=return_attn, shield=shield, layout=layout,
+                 attn_dtype=attn_dtype)
+
+
+@pytest.mark.parametrize("return_attn", MODES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "bnhd", "sliced"))
+def test_shield_maps_unused_gives_exact_zero_dq_dk(return_attn, layout, device):
+    # check_parity asserts dq == dk == 0 exactly, and dv against the reference.
+    _, _, dq, dk, dv = check_parity((2, 2, 45, 32), torch.bfloat16, device, return_attn=return_attn,
+                                    shield=True, maps_used=False, layout=layout)
+    assert dq.shape == (2, 2, 45, 32) and torch.count_nonzero(dv) > 0
+
+
+@pytest.mark.parametrize("return_attn", MODES, ids=str)
+def test_no_shield_matches_plain_autograd_attention(return_attn, device):
+    """shield=False is ordinary attention: compare with plain autograd softmax attention in fp64."""
+    shape = (1, 2, 33, 16)
+    q, k, v = make_qkv(shape, torch.float32, device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, attn = synergistic_attention(q, k, v, return_attn=return_attn, shield=False, backend="triton")
+    loss = (out.double().cpu() ** 2).sum()
+    if attn is not None:
+        loss = loss + (attn.double().cpu() * torch.linspace(0, 1, attn.shape[-1], dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    probs = torch.softmax(q64 @ k64.transpose(-1, -2) / 4.0, dim=-1)
+    loss64 = ((probs @ v64) ** 2).sum()
+    if return_attn is not None:
+        maps = probs if return_attn == "per_head" else probs.mean(1)
+        loss64 = loss64 + (maps * torch.linspace(0, 1, maps.shape[-1], dtype=torch.float64)).sum()
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(loss64, (q64, k64, v64))):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+def test_output_layout_merges_heads_without_copy(device):
+    q, k, v = make_qkv((2, 4, 10, 16), torch.float16, device, layout="bnhd")
+    out, _ = synergistic_attention(q, k, v, backend="triton")
+    merged = out.transpose(1, 2).reshape(2, 10, 64)
+    assert merged.data_ptr() == out.data_ptr()
+    assert out.dtype == torch.float16 and out.shape == (2, 4, 10, 16)
+
+
+def test_strided_inputs_are_not_copied(device, monkeypatch):
+    q, k, v = make_qkv((1, 2, 9, 16), torch.float32, device, layout="bnhd")
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **kw: pytest.fail("hidden copy"))
+    out, _ = synergistic_attention(q, k, v, backend="triton")
+    assert out.shape == (1, 2, 9, 16)
+
+
+def test_many_batch_heads_beyond_grid_axis_limit():
+    """B·H above 65535 (CUDA's limit on grid axes 1 and 2) still launches: the grid is 1-D."""
+    from muse_kernels.ops import synergistic_attention as op
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return lambda *args, **kwargs: None
+
+    q = torch.empty(70000, 1, 1, 16).transpose(1, 2)
+    for name in ("_synergistic_attention_fwd_kernel", "_synergistic_attention_maps_kernel"):
+        setattr_ = pytest.MonkeyPatch()
+        setattr_.setattr(op, name, Recorder())
+        launches.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(op, "_synergistic_attention_fwd_kernel", Recorder())
+        mp.setattr(op, "_synergistic_attention_maps_kernel", Recorder())
+        op.synergistic_attention_forward(q, q, q, 0.25, "head_mean", torch.float32)
+    assert launches == [(70000,), (70000,)]
+
+
+def test_head_mean_equals_mean_of_per_head_maps(device):
+    q, k, v = make_qkv((2, 5, 70, 32), torch.float32, device)
+    _, per_head = synergistic_attention(q, k, v, return_attn="per_head", backend="triton")
+    _, mean = synergistic_attention(q, k, v, return_attn="head_mean", backend="triton")
+    torch.testing.assert_close(mean, per_head.mean(1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_head.sum(-1), torch.ones_like(per_head.sum(-1)), rtol=1e-5, atol=1e-5)
+
+
+def test_tf32_switch_is_honoured(monkeypatch):
+    from muse_kernels.ops.synergistic_attention import _input_precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert _input_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert _input_precision(torch.float32) == "tf32"
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+def _qkv(shape=(1, 2, 8, 16), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("make_args,kwargs,exc,match", [
+    (lambda: (torch.randn(2, 8, 16), *_qkv()[1:]), {}, ValueError, "q must be 4-D"),
+    (lambda: (_qkv()[0], torch.randn(1, 2, 9, 16), _qkv()[2]), {}, ValueError, "k must have q's shape"),
+    (lambda: (*_qkv()[:2], torch.randn(1, 2, 8, 16, dtype=torch.float16)), {}, TypeError, "v must have q's dtype"),
+    (lambda: _qkv(dtype=torch.float64), {}, TypeError, "q must be float32, float16 or bfloat16"),
+    (lambda: (_qkv()[0], [1.0], _qkv()[2]), {}, TypeError, "k must be a torch.Tensor"),
+    (lambda: _qkv((1, 2, 0, 16)), {}, ValueError, "seq_len"),
+    (lambda: _qkv((1, 2, 8, 48)), {"backend": "triton"}, ValueError, "head_dim"),
+    (lambda: _qkv(), {"return_attn": "mean"}, ValueError, "return_attn"),
+    (lambda: _qkv(), {"attn_dtype": torch.float16}, TypeError, "attn_dtype"),
+    (lambda: _qkv(), {"backend": "flash"}, ValueError, "backend must be one of"),
+    (lambda: _qkv(), {"backend": "cuda"}, NotImplementedError, "backend='cuda'"),
+    (lambda: _qkv(), {"scale": -1.0}, ValueError, "scale"),
+    (lambda: _qkv(), {"shield": 1}, TypeError, "shield"),
+])
+def test_bad_input_raises_clear_error(make_args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        synergistic_attention(*make_args(), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without CUDA devices")
+def test_mismatched_devices_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="v must be on q's device"):
+        synergistic_attention(q, k, v.to("meta"))
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        synergistic_attention(*_qkv(), backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", (64, 256, 1024))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("shield,return_attn", list(itertools.product((True, False), MODES)))
+def test_parity_muse_shapes_gpu(seq, dtype, shield, return_attn):
+    check_parity((32, 8, seq, 64), dtype, torch.device("cuda"), return_attn=return_attn, shield=shield,
+                 layout="bnhd")
