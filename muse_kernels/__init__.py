@@ -5,6 +5,7 @@ Attention that returns its probability maps at flash speed, with MUSE's gradient
 """
 
 from muse_kernels.functional import synergistic_attention
+from muse_kernels.modules import SynergisticAttention, apply_rotary
 
-__all__ = ["synergistic_attention"]
+__all__ = ["SynergisticAttention", "apply_rotary", "synergistic_attention"]
 __version__ = "0.1.0"

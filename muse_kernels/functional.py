@@ -15,6 +15,8 @@ from muse_kernels.reference import MAP_KINDS, synergistic_attention_reference
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The eager backend also takes fp64, for references and gradient checks.
+TORCH_BACKEND_DTYPES = (*INPUT_DTYPES, torch.float64)
 ATTN_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -24,8 +26,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(x.shape)}")
-        if x.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dtype not in TORCH_BACKEND_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 (or float64 with backend='torch'), "
+                            f"got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
@@ -71,7 +74,8 @@ def synergistic_attention(
     """softmax(scale·q·kᵀ)·v that can also return its attention maps, with MUSE's gradient routing.
 
     Args:
-        q, k, v: (B, H, N, D) tensors of one dtype (fp32, fp16 or bf16) on one device. Any strides
+        q, k, v: (B, H, N, D) tensors of one dtype (fp32, fp16 or bf16; the torch backend also takes
+            fp64) on one device. Any strides
             with a contiguous last dim run without a copy, e.g. ``x.view(B, N, H, D).transpose(1, 2)``;
             a non-contiguous last dim is copied once.
         scale: logit scale, default D^-½.
@@ -103,6 +107,8 @@ def synergistic_attention(
         return synergistic_attention_reference(
             q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield
         )
+    if q.dtype not in INPUT_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16 for backend={resolved!r}, got {q.dtype}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"head_dim (q.shape[-1]) must be one of {SUPPORTED_HEAD_DIMS} for backend='triton', got {head_dim}; "

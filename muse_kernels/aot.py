@@ -1,0 +1,166 @@
+"""Compile every kernel configuration ahead of time for sm_80 and sm_90, without a GPU.
+
+The Triton interpreter forgives what the compiler does not (layouts, shared memory, dot shapes), so
+every (kernel, specialization, launch config) the launchers can pick is compiled here for real GPU
+targets, and its shared memory is checked against the target's limit.
+
+    python -m muse_kernels.aot [--arch 80 90] [--jobs N] [--json out.json]
+
+Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels with Python objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("muse_kernels.aot")
+
+# Largest dynamic shared memory a block may opt in to, in bytes.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    kernel: str
+    pointer_dtypes: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in self.constexprs)
+        ptrs = ",".join(f"{k}:{v}" for k, v in self.pointer_dtypes)
+        return f"{self.kernel}[{consts}|{ptrs}|w{self.num_warps}s{self.num_stages}]"
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every specialization the launchers in ``muse_kernels.ops`` can request."""
+    from muse_kernels.ops import synergistic_attention as sa
+
+    specs = []
+    for dim, dtype in itertools.product(sa.SUPPORTED_HEAD_DIMS, _INPUT_DTYPES):
+        t = _TRITON_DTYPE[dtype]
+        for precision in _precisions(dtype):
+            cfg = sa.fwd_config(dim, dtype)
+            specs.append(KernelSpec(
+                "_synergistic_attention_fwd_kernel",
+                (("Q", t), ("K", t), ("V", t), ("Out", t), ("Lse", "fp32")),
+                (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                 ("INPUT_PRECISION", precision)),
+                cfg.num_warps, cfg.num_stages))
+            cfg = sa.maps_config(dim, dtype)
+            for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES):
+                specs.append(KernelSpec(
+                    "_synergistic_attention_maps_kernel",
+                    (("Q", t), ("K", t), ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype])),
+                    (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                     ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision)),
+                    cfg.num_warps, cfg.num_stages))
+            cfg = sa.bwd_config(dim, dtype)
+            blocks = (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n))
+            # (shield, has_dattn): a shielded backward without map gradient skips the dQ kernel and
+            # runs the dK/dV kernel with COMPUTE_DK off.
+            for shield, has_dattn in ((True, True), (False, True), (False, False), (True, False)):
+                dattn_dtypes = _ATTN_DTYPES if has_dattn else (torch.float32,)
+                for dattn_dtype in dattn_dtypes:
+                    da = _TRITON_DTYPE[dattn_dtype]
+                    flags = (("SHIELD", shield), ("HAS_DATTN", has_dattn))
+                    compute_dk = has_dattn or not shield
+                    if compute_dk:
+                        specs.append(KernelSpec(
+                            "_synergistic_attention_bwd_dq_kernel",
+                            (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), ("dAttn", da),
+                             ("Lse", "fp32"), ("Delta", "fp32"), ("dQ", t)),
+                            (*blocks, *flags, ("INPUT_PRECISION", precision)),
+                            cfg.num_warps, cfg.num_stages))
+                    specs.append(KernelSpec(
+                        "_synergistic_attention_bwd_dkdv_kernel",
+                        (("Q", t), ("K", t), ("V", t), ("dOut", t), ("dAttn", da), ("Lse", "fp32"),
+                         ("Delta", "fp32"), ("dK", t), ("dV", t)),
+                        (*blocks, *flags, ("COMPUTE_DK", compute_dk), ("INPUT_PRECISION", precision)),
+                        cfg.num_warps, cfg.num_stages))
+    return specs
+
+
+def _scalar_type(name: str) -> str:
+    if name.startswith("stride_") or name in ("H", "N"):
+        return "i32"
+    return "fp32"
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from muse_kernels.ops import synergistic_attention as sa
+
+    fn = getattr(sa, spec.kernel)
+    pointers, constexprs = dict(spec.pointer_dtypes), dict(spec.constexprs)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = _scalar_type(name)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    shared = compiled.metadata.shared
+    return {"spec": spec.label(), "arch": arch, "shared_bytes": shared,
+            "limit_bytes": SHARED_MEMORY_LIMIT[arch], "fits": shared <= SHARED_MEMORY_LIMIT[arch]}
+
+
+def _compile_job(args):
+    return compile_spec(*args)
+
+
+def compile_all(archs=(80, 90), jobs: int | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("muse_kernels.aot must run without TRITON_INTERPRET=1")
+    work = [(spec, arch) for arch in archs for spec in kernel_specs()]
+    jobs = jobs or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_job, work, chunksize=4))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--json", help="write every result to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = compile_all(args.arch, args.jobs)
+    for r in results:
+        log.info("sm_%d %6d / %6d B  %s  %s", r["arch"], r["shared_bytes"], r["limit_bytes"],
+                 "ok " if r["fits"] else "OVER", r["spec"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    failed = [r for r in results if not r["fits"]]
+    log.info("%d configurations compiled, %d over the shared-memory limit", len(results), len(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

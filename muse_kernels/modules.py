@@ -1,0 +1,75 @@
+"""Drop-in modules built on the functional API."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from muse_kernels.functional import synergistic_attention
+
+
+def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """1-D rotary embedding over the token index of ``x`` (B, N, H, D), rotate-half layout.
+
+    The tables are computed per call in fp32 (fp64 for fp64 input) from the positions: they cost
+    N·D/2 trig ops, follow the input's device with no buffer to move, and never lose precision to a
+    module-wide ``.half()``.
+    """
+    seq, dim = x.shape[1], x.shape[-1]
+    half = dim // 2
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, half, device=x.device, dtype=dtype) / half)
+    angles = torch.arange(seq, device=x.device, dtype=dtype)[:, None] * inv_freq[None, :]
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[None, :, None, :]
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[None, :, None, :]
+    xf = x.to(dtype)
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class SynergisticAttention(nn.Module):
+    """The attention half of MUSE's Synergistic block.
+
+    ``q_topo``/``k_topo`` (the topology stream) and ``v_sem`` (the semantic stream) project the
+    tokens; q and k get a per-head RMSNorm and 1-D rotary embedding; the fused op mixes the values
+    with a shielded map (dV from the output, dQ/dK only from the maps' loss); ``proj`` maps back.
+    Parameter names match the official checkpoint.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qk_norm: bool = True, rope: bool = True,
+                 rope_base: float = 10000.0, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        if rope and self.head_dim % 2 != 0:
+            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        self.rope = rope
+        self.rope_base = rope_base
+        self.backend = backend
+        self.q_topo = nn.Linear(dim, dim, bias=False)
+        self.k_topo = nn.Linear(dim, dim, bias=False)
+        self.v_sem = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, return_attn: str | None = None):
+        if x.dim() != 3:
+            raise ValueError(f"x must be (batch, tokens, dim), got shape {tuple(x.shape)}")
+        bsz, seq, dim = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        # Heads are split as (B, N, H, D) and handed to the kernel as transposed views: no copies.
+        q = self.q_norm(self.q_topo(x).view(bsz, seq, heads, head_dim))
+        k = self.k_norm(self.k_topo(x).view(bsz, seq, heads, head_dim))
+        v = self.v_sem(x).view(bsz, seq, heads, head_dim)
+        if self.rope:
+            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
+        out, attn = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          return_attn=return_attn, backend=self.backend)
+        out = self.proj(out.transpose(1, 2).reshape(bsz, seq, dim))
+        return out if return_attn is None else (out, attn)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, rope={self.rope}, backend={self.backend!r}"
