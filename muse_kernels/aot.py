@@ -50,6 +50,12 @@ def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
     return ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
 
 
+# (OUT_TO_QK, HAS_DATTN, TEACHER) of the backward launches: attention with maps in the loss
+# (shielded, or not with/without an output gradient), the per-head topology KL (alone or fused with
+# attention), the head-mean KL (through the map gradient), and a plain unshielded backward.
+_BWD_PATHS = ((False, True, False), (True, True, False), (True, False, False), (False, False, True))
+
+
 def kernel_specs() -> list[KernelSpec]:
     """Every specialization the launchers in ``muse_kernels.ops`` can request."""
     from muse_kernels.ops import synergistic_attention as sa
@@ -59,12 +65,16 @@ def kernel_specs() -> list[KernelSpec]:
         t = _TRITON_DTYPE[dtype]
         for precision in _precisions(dtype):
             cfg = sa.fwd_config(dim, dtype)
-            specs.append(KernelSpec(
-                "_synergistic_attention_fwd_kernel",
-                (("Q", t), ("K", t), ("V", t), ("Out", t), ("Lse", "fp32")),
-                (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-                 ("INPUT_PRECISION", precision)),
-                cfg.num_warps, cfg.num_stages))
+            # Without V the kernel computes only the LSE (and the per-head KL with a teacher).
+            for has_v, teacher_dtype in itertools.product((True, False), (None, *_ATTN_DTYPES)):
+                teacher = "fp32" if teacher_dtype is None else _TRITON_DTYPE[teacher_dtype]
+                specs.append(KernelSpec(
+                    "_synergistic_attention_fwd_kernel",
+                    (("Q", t), ("K", t), ("V", t if has_v else "fp32"), ("Out", t if has_v else "fp32"),
+                     ("Lse", "fp32"), ("Teacher", teacher), ("RowLoss", "fp32")),
+                    (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+                     ("HAS_V", has_v), ("TEACHER", teacher_dtype is not None), ("INPUT_PRECISION", precision)),
+                    cfg.num_warps, cfg.num_stages))
             cfg = sa.maps_config(dim, dtype)
             for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES):
                 specs.append(KernelSpec(
@@ -73,29 +83,34 @@ def kernel_specs() -> list[KernelSpec]:
                     (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
                      ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision)),
                     cfg.num_warps, cfg.num_stages))
-            cfg = sa.bwd_config(dim, dtype)
-            blocks = (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n))
-            # (shield, has_dattn): a shielded backward without map gradient skips the dQ kernel and
-            # runs the dK/dV kernel with COMPUTE_DK off.
-            for shield, has_dattn in ((True, True), (False, True), (False, False), (True, False)):
-                dattn_dtypes = _ATTN_DTYPES if has_dattn else (torch.float32,)
-                for dattn_dtype in dattn_dtypes:
-                    da = _TRITON_DTYPE[dattn_dtype]
-                    flags = (("SHIELD", shield), ("HAS_DATTN", has_dattn))
-                    compute_dk = has_dattn or not shield
-                    if compute_dk:
-                        specs.append(KernelSpec(
-                            "_synergistic_attention_bwd_dq_kernel",
-                            (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), ("dAttn", da),
-                             ("Lse", "fp32"), ("Delta", "fp32"), ("dQ", t)),
-                            (*blocks, *flags, ("INPUT_PRECISION", precision)),
-                            cfg.num_warps, cfg.num_stages))
-                    specs.append(KernelSpec(
-                        "_synergistic_attention_bwd_dkdv_kernel",
-                        (("Q", t), ("K", t), ("V", t), ("dOut", t), ("dAttn", da), ("Lse", "fp32"),
-                         ("Delta", "fp32"), ("dK", t), ("dV", t)),
-                        (*blocks, *flags, ("COMPUTE_DK", compute_dk), ("INPUT_PRECISION", precision)),
-                        cfg.num_warps, cfg.num_stages))
+            specs += _backward_specs(sa.bwd_config(dim, dtype), dim, t, precision)
+    return specs
+
+
+def _backward_specs(cfg, dim: int, t: str, precision: str) -> list[KernelSpec]:
+    specs = []
+    blocks = (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n))
+    # A shielded backward whose maps carry no gradient runs only the dK/dV kernel, for dV.
+    for out_to_qk, has_dattn, teacher in (*_BWD_PATHS, (False, False, False)):
+        compute_dk = out_to_qk or has_dattn or teacher
+        for side_dtype in _ATTN_DTYPES if (has_dattn or teacher) else (torch.float32,):
+            side = _TRITON_DTYPE[side_dtype]
+            dattn, teacher_t = (side if has_dattn else "fp32"), (side if teacher else "fp32")
+            flags = (("OUT_TO_QK", out_to_qk), ("HAS_DATTN", has_dattn), ("TEACHER", teacher))
+            extra = (("dAttn", dattn), ("Teacher", teacher_t), ("TeacherRowSum", "fp32"), ("KlGrad", "fp32"),
+                     ("Lse", "fp32"), ("Delta", "fp32"))
+            if compute_dk:
+                specs.append(KernelSpec(
+                    "_synergistic_attention_bwd_dq_kernel",
+                    (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), *extra, ("dQ", t)),
+                    (*blocks, *flags, ("INPUT_PRECISION", precision)), cfg.num_warps, cfg.num_stages))
+            # dV is skipped when the output carries no gradient (a loss on the maps only).
+            for compute_dv in (True,) if (out_to_qk or not compute_dk) else (True, False):
+                specs.append(KernelSpec(
+                    "_synergistic_attention_bwd_dkdv_kernel",
+                    (("Q", t), ("K", t), ("V", t), ("dOut", t), *extra, ("dK", t), ("dV", t)),
+                    (*blocks, *flags, ("COMPUTE_DK", compute_dk), ("COMPUTE_DV", compute_dv),
+                     ("INPUT_PRECISION", precision)), cfg.num_warps, cfg.num_stages))
     return specs
 
 

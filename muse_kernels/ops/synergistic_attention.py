@@ -28,20 +28,22 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MAP_MODES = ("none", "per_head", "head_mean")
 
 
 @triton.jit
 def _synergistic_attention_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Teacher, RowLoss,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_tb, stride_th, stride_tm, stride_tn,
     H, N, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_V: tl.constexpr, TEACHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
@@ -59,29 +61,49 @@ def _synergistic_attention_fwd_kernel(
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    t_base = Teacher + b * stride_tb + h * stride_th + offs_m[:, None].to(tl.int64) * stride_tm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Per-row KL(t ‖ A) = Σ t·log t − Σ t·S + LSE·Σ t needs only three running sums, none of which
+    # depends on the running max: the loss costs no second pass and no map in memory.
+    t_logt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < N
         k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+        if TEACHER:
+            t = tl.load(t_base + cols[None, :].to(tl.int64) * stride_tn,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            # s is finite on padded columns (their keys load as 0) and t is 0 there.
+            t_s += tl.sum(t * s, 1)
+            t_logt += tl.sum(t * tl.log(tl.where(t > 0, t, 1.0)), 1)
+            t_sum += tl.sum(t, 1)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         # Column 0 is valid in the first block, so m_new is finite from the first iteration on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        if HAS_V:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(Lse + bh.to(tl.int64) * N + offs_m, lse2, mask=row_ok)
+    if HAS_V:
+        acc = acc / l_i[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                 acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if TEACHER:
+        # s and lse2 are in log2 units; the loss is in nats.
+        row_loss = t_logt + LN2 * (t_sum * lse2 - t_s)
+        tl.store(RowLoss + bh.to(tl.int64) * N + offs_m, row_loss, mask=row_ok)
 
 
 @triton.jit
@@ -139,17 +161,20 @@ def _synergistic_attention_maps_kernel(
 
 @triton.jit
 def _synergistic_attention_bwd_dq_kernel(
-    Q, K, V, Out, dOut, dAttn, Lse, Delta, dQ,
+    Q, K, V, Out, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dQ,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dab, stride_dah, stride_dam, stride_dan,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_rb, stride_rh, stride_rm,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, qk_scale_log2, sm_scale, attn_grad_weight,
+    H, N, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SHIELD: tl.constexpr, HAS_DATTN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
@@ -169,9 +194,15 @@ def _synergistic_attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     da_base = dAttn + b * stride_dab + h * stride_dah + offs_m[:, None].to(tl.int64) * stride_dam
+    t_base = Teacher + b * stride_tb + h * stride_th + offs_m[:, None].to(tl.int64) * stride_tm
+    if TEACHER:
+        # dKL/dS = (Σ_j t)·A − t per row, times the upstream gradient and the mean's 1/count.
+        kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
+        t_rowsum = tl.load(TeacherRowSum + b * stride_rb + h * stride_rh + offs_m * stride_rm,
+                           mask=row_ok, other=0.0)
 
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if not SHIELD:
+    if OUT_TO_QK:
         # rowsum(P ⊙ dO·Vᵀ) = rowsum(dO ⊙ O): the output path's share of Δ without a pass over keys.
         o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -196,15 +227,22 @@ def _synergistic_attention_bwd_dq_kernel(
         k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[:, None])
         p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if not SHIELD:
-            v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            dp = tl.dot(do.to(v_t.dtype), v_t, dp, input_precision=INPUT_PRECISION)
-        if HAS_DATTN:
-            da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            dp += da.to(tl.float32) * attn_grad_weight
-        ds = p * (dp - delta[:, None])
+        ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if OUT_TO_QK or HAS_DATTN:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if OUT_TO_QK:
+                v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=col_ok[None, :],
+                              other=0.0)
+                dp = tl.dot(do.to(v_t.dtype), v_t, dp, input_precision=INPUT_PRECISION)
+            if HAS_DATTN:
+                da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
+                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                dp += da.to(tl.float32) * attn_grad_weight
+            ds = p * (dp - delta[:, None])
+        if TEACHER:
+            t = tl.load(t_base + cols[None, :].to(tl.int64) * stride_tn,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            ds += kl_weight * (t_rowsum[:, None] * p - t)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
@@ -212,18 +250,20 @@ def _synergistic_attention_bwd_dq_kernel(
 
 @triton.jit
 def _synergistic_attention_bwd_dkdv_kernel(
-    Q, K, V, dOut, dAttn, Lse, Delta, dK, dV,
+    Q, K, V, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dK, dV,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dab, stride_dah, stride_dam, stride_dan,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_rb, stride_rh, stride_rm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, N, qk_scale_log2, sm_scale, attn_grad_weight,
+    H, N, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SHIELD: tl.constexpr, HAS_DATTN: tl.constexpr, COMPUTE_DK: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
@@ -239,11 +279,15 @@ def _synergistic_attention_bwd_dkdv_kernel(
 
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    if OUT_TO_QK:
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None], other=0.0)
+    if TEACHER:
+        kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = dOut + b * stride_dob + h * stride_doh
     da_base = dAttn + b * stride_dab + h * stride_dah + offs_n[:, None].to(tl.int64) * stride_dan
+    t_base = Teacher + b * stride_tb + h * stride_th + offs_n[:, None].to(tl.int64) * stride_tn
     stat_base = bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -255,25 +299,37 @@ def _synergistic_attention_bwd_dkdv_kernel(
         # +inf for padded query rows makes their probabilities exactly 0.
         lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf"))
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[None, :])
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None], other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if COMPUTE_DV or OUT_TO_QK:
+            do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                         mask=row_ok[:, None], other=0.0)
+        if COMPUTE_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         if COMPUTE_DK:
-            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if not SHIELD:
-                dp_t = tl.dot(v, tl.trans(do.to(v.dtype)), dp_t, input_precision=INPUT_PRECISION)
-            if HAS_DATTN:
-                da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
-                               mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-                dp_t += da_t.to(tl.float32) * attn_grad_weight
-            delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if OUT_TO_QK or HAS_DATTN:
+                dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                if OUT_TO_QK:
+                    dp_t = tl.dot(v, tl.trans(do.to(v.dtype)), dp_t, input_precision=INPUT_PRECISION)
+                if HAS_DATTN:
+                    da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
+                                   mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+                    dp_t += da_t.to(tl.float32) * attn_grad_weight
+                delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+                ds_t = p_t * (dp_t - delta[None, :])
+            if TEACHER:
+                t_t = tl.load(t_base + rows[None, :].to(tl.int64) * stride_tm,
+                              mask=col_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+                t_rowsum = tl.load(TeacherRowSum + b * stride_rb + h * stride_rh + rows * stride_rm,
+                                   mask=row_ok, other=0.0)
+                ds_t += kl_weight * (t_rowsum[None, :] * p_t - t_t)
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
 
-    tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             (dk * sm_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+    if COMPUTE_DK:
+        tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
+    if COMPUTE_DV:
+        tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,13 +373,23 @@ def _bhn_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _map_strides(attn: torch.Tensor | None, map_mode: str) -> tuple[int, int, int, int]:
-    """(batch, head, query, key) strides; head-mean maps are shared by all heads (head stride 0)."""
-    if attn is None:
+def _map_strides(x: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(batch, head, query, key) strides of a (B, H, N, N) tensor; a (B, N, N) tensor is shared by all
+    heads (head stride 0). None gives zeros: the kernel never reads it."""
+    if x is None:
         return 0, 0, 0, 0
-    if map_mode == "per_head":
-        return attn.stride(0), attn.stride(1), attn.stride(2), attn.stride(3)
-    return attn.stride(0), 0, attn.stride(1), attn.stride(2)
+    if x.dim() == 4:
+        return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+    return x.stride(0), 0, x.stride(1), x.stride(2)
+
+
+def _row_strides(x: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N) tensor; (B, N) is shared by all heads."""
+    if x is None:
+        return 0, 0, 0
+    if x.dim() == 3:
+        return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride(0), 0, x.stride(1)
 
 
 def triton_interpreting() -> bool:
@@ -337,27 +403,38 @@ def new_output_like(v: torch.Tensor) -> torch.Tensor:
 
 
 def synergistic_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, map_mode: str, attn_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, attn, lse2); ``attn`` is an empty tensor when ``map_mode == "none"``."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float,
+    map_mode: str = "none", attn_dtype: torch.dtype = torch.float32, teacher: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Returns (out, attn, lse2, row_kl).
+
+    ``out`` is None without ``v`` (only the LSE and the loss are wanted); ``attn`` is None when
+    ``map_mode == "none"``; ``row_kl`` (B, H, N) holds KL(teacher row ‖ A row) when a teacher
+    ((B, N, N) shared by the heads, or (B, H, N, N)) is given, else None.
+    """
     bsz, heads, seq, dim = q.shape
-    out = new_output_like(v)
+    out = None if v is None else new_output_like(v)
     lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    row_kl = None if teacher is None else torch.empty_like(lse)
     precision = _input_precision(q.dtype)
     qk_scale_log2 = scale * LOG2E
 
     cfg = fwd_config(dim, q.dtype)
     grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
+    # Absent tensors are passed as lse, a valid pointer the kernel never dereferences for them.
     _synergistic_attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
+        q, k, lse if v is None else v, lse if out is None else out, lse,
+        lse if teacher is None else teacher, lse if row_kl is None else row_kl,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(k if v is None else v),
+        *_bhn_strides(k if out is None else out), *_map_strides(teacher),
         heads, seq, qk_scale_log2,
-        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INPUT_PRECISION=precision,
+        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_V=v is not None,
+        TEACHER=teacher is not None, INPUT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     if map_mode == "none":
-        return out, q.new_empty(0, dtype=attn_dtype), lse
+        return out, None, lse, row_kl
     head_mean = map_mode == "head_mean"
     map_shape = (bsz, seq, seq) if head_mean else (bsz, heads, seq, seq)
     attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
@@ -366,65 +443,74 @@ def synergistic_attention_forward(
     grid = (num_maps * triton.cdiv(seq, cfg.block_m) * triton.cdiv(seq, cfg.block_n),)
     _synergistic_attention_maps_kernel[grid](
         q, k, lse, attn,
-        *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn, map_mode),
+        *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn),
         heads, seq, qk_scale_log2,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_MEAN=head_mean,
         INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, attn, lse
+    return out, attn, lse, row_kl
 
 
 def synergistic_attention_backward(
     grad_out: torch.Tensor | None,
     grad_attn: torch.Tensor | None,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    scale: float, map_mode: str, shield: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bsz, heads, seq, dim = q.shape
-    if grad_out is None:
-        # A stride-0 view of one zero: the kernels read it like any dO, no B·H·N·D buffer.
-        grad_out = v.new_zeros(1).expand(bsz, heads, seq, dim)
-    has_dattn = grad_attn is not None and map_mode != "none"
-    need_dqk = has_dattn or not shield
-    dv = torch.empty_like(v)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    delta = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
-    precision = _input_precision(q.dtype)
-    qk_scale_log2 = scale * LOG2E
-    attn_grad_weight = 1.0 / heads if map_mode == "head_mean" else 1.0
-    dattn = grad_attn if has_dattn else delta  # any valid pointer: never read when HAS_DATTN is off
-    da_strides = _map_strides(grad_attn if has_dattn else None, map_mode)
-    do_strides = (*_bhn_strides(grad_out), grad_out.stride(3))
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+    scale: float, shield: bool = True,
+    teacher: torch.Tensor | None = None, kl_grad: torch.Tensor | None = None, kl_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dq, dk, dv) of the attention outputs and, optionally, of a per-head KL term.
 
+    ``grad_attn`` is (B, H, N, N) for per-head maps or (B, N, N) for head-mean maps (each head then
+    receives 1/H of it). With ``teacher``, the per-head KL's gradient ``kl_grad · kl_scale ·
+    (rowsum(t)·A − t)`` (``kl_grad`` a 0-dim tensor, read on the device: no host sync) is added to
+    the logits' gradient. dv is None without ``v``, zero when ``grad_out`` is None.
+    """
+    bsz, heads, seq, dim = q.shape
+    out_to_qk = grad_out is not None and not shield
+    has_dattn = grad_attn is not None
+    has_teacher = teacher is not None
+    compute_dqk = out_to_qk or has_dattn or has_teacher
+    compute_dv = grad_out is not None and v is not None
+    dq = torch.empty_like(q) if compute_dqk else torch.zeros_like(q)
+    dk = torch.empty_like(k) if compute_dqk else torch.zeros_like(k)
+    dv = None if v is None else (torch.empty_like(v) if compute_dv else torch.zeros_like(v))
+    if not (compute_dqk or compute_dv):
+        # Shielded with no gradient on the maps: Q and K receive exactly zero.
+        return dq, dk, dv
+
+    delta = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    teacher_rowsum = None if teacher is None else teacher.sum(-1, dtype=torch.float32)
+    # Tensors a kernel never reads are passed as `delta` (a valid pointer) with zero strides.
+    ptr = lambda x: delta if x is None else x  # noqa: E731
+    v_ = k if v is None else v
+    do_strides = (0, 0, 0, 0) if grad_out is None else (*_bhn_strides(grad_out), grad_out.stride(3))
+    common = dict(
+        H=heads, N=seq, qk_scale_log2=scale * LOG2E, sm_scale=scale,
+        attn_grad_weight=1.0 / heads if grad_attn is not None and grad_attn.dim() == 3 else 1.0,
+        kl_scale=kl_scale,
+    )
     cfg = bwd_config(dim, q.dtype)
-    if need_dqk:
+    flags = dict(HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, OUT_TO_QK=out_to_qk,
+                 HAS_DATTN=has_dattn, TEACHER=has_teacher, INPUT_PRECISION=_input_precision(q.dtype),
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if compute_dqk:
         grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
         _synergistic_attention_bwd_dq_kernel[grid](
-            q, k, v, out, grad_out, dattn, lse, delta, dq,
-            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(out),
-            *do_strides, *da_strides, *_bhn_strides(dq),
-            heads, seq, qk_scale_log2, scale, attn_grad_weight,
-            HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            SHIELD=shield, HAS_DATTN=has_dattn, INPUT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            q, k, v_, ptr(out), ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum),
+            ptr(kl_grad), lse, delta, dq,
+            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v_), *_bhn_strides(k if out is None else out),
+            *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
+            *_bhn_strides(dq), **common, **flags,
         )
-    else:
-        # Shielded and the maps carry no gradient: Q and K receive exactly zero.
-        dq.zero_()
-
     grid = (bsz * heads * triton.cdiv(seq, cfg.block_n),)
     _synergistic_attention_bwd_dkdv_kernel[grid](
-        q, k, v, grad_out, dattn, lse, delta, dk, dv,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
-        *do_strides, *da_strides, *_bhn_strides(dk), *_bhn_strides(dv),
-        heads, seq, qk_scale_log2, scale, attn_grad_weight,
-        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SHIELD=shield, HAS_DATTN=has_dattn, COMPUTE_DK=need_dqk, INPUT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v_, ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum), ptr(kl_grad),
+        lse, delta, dk, delta if dv is None else dv,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v_),
+        *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
+        *_bhn_strides(dk), *_bhn_strides(k if dv is None else dv),
+        **common, **flags, COMPUTE_DK=compute_dqk, COMPUTE_DV=compute_dv,
     )
-    if not need_dqk:
-        dk.zero_()
     return dq, dk, dv
 
 
@@ -438,7 +524,9 @@ def _synergistic_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)
+    out, attn, lse, _ = synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)
+    # Custom ops cannot return None: "no maps" is an empty tensor.
+    return out, q.new_empty(0, dtype=attn_dtype) if attn is None else attn, lse
 
 
 @_synergistic_attention_fwd_op.register_fake
@@ -459,7 +547,9 @@ def _synergistic_attention_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     scale: float, map_mode: str, shield: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return synergistic_attention_backward(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield)
+    if map_mode == "none":
+        grad_attn = None
+    return synergistic_attention_backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield)
 
 
 @_synergistic_attention_bwd_op.register_fake
