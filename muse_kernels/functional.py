@@ -11,13 +11,16 @@ from muse_kernels.ops.synergistic_attention import (
     synergistic_attention_triton,
     triton_interpreting,
 )
-from muse_kernels.reference import MAP_KINDS, synergistic_attention_reference
+from muse_kernels.ops.topology_kl_loss import KL_REDUCTIONS, topology_kl_triton
+from muse_kernels.ops.topology_kl_loss import validate_teacher as _validate_teacher
+from muse_kernels.reference import MAP_KINDS, synergistic_attention_reference, topology_kl_loss_reference
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The eager backend also takes fp64, for references and gradient checks.
 TORCH_BACKEND_DTYPES = (*INPUT_DTYPES, torch.float64)
 ATTN_DTYPES = (torch.float32, torch.bfloat16)
+TEACHER_DTYPES = (torch.float32, torch.bfloat16)  # the torch backend also takes fp64
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -60,6 +63,90 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_kernel_inputs(q: torch.Tensor, backend: str, teacher: torch.Tensor | None = None) -> None:
+    if q.dtype not in INPUT_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16 for backend={backend!r}, got {q.dtype}")
+    if teacher is not None and teacher.dtype not in TEACHER_DTYPES:
+        raise TypeError(f"teacher must be float32 or bfloat16 for backend={backend!r}, got {teacher.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim (q.shape[-1]) must be one of {SUPPORTED_HEAD_DIMS} for backend={backend!r}, got "
+            f"{q.shape[-1]}; backend='torch' accepts any head_dim"
+        )
+
+
+def _last_dim_contiguous(*tensors: torch.Tensor | None):
+    return tuple(x if x is None or x.stride(-1) == 1 else x.contiguous() for x in tensors)
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_teacher(teacher: torch.Tensor, q: torch.Tensor, reduction: str, eps: float) -> None:
+    if not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"teacher must be a torch.Tensor, got {type(teacher).__name__}")
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    bsz, heads, seq, _ = q.shape
+    shared, per_head = (bsz, seq, seq), (bsz, heads, seq, seq)
+    allowed = (shared,) if reduction == "head_mean" else (shared, per_head)
+    if tuple(teacher.shape) not in allowed:
+        expected = " or ".join(str(a) for a in allowed)
+        hint = " (head_mean compares one head-averaged map per image)" if reduction == "head_mean" else ""
+        raise ValueError(f"teacher must have shape {expected}{hint}, got {tuple(teacher.shape)}")
+    if teacher.dtype not in (*TEACHER_DTYPES, torch.float64):
+        raise TypeError(f"teacher must be float32 or bfloat16, got {teacher.dtype}")
+    if teacher.device != q.device:
+        raise ValueError(f"teacher must be on q's device {q.device}, got {teacher.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def topology_kl_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    scale: float | None = None,
+    reduction: str = "head_mean",
+    eps: float = 1e-8,
+    validate: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Topology KL of the student's maps softmax(scale·q·kᵀ) against a teacher, fused: no (B, H, N, N)
+    tensor is ever allocated, and the gradient goes straight into q and k.
+
+    Args:
+        q, k: (B, H, N, D), as for :func:`synergistic_attention`.
+        teacher: rows summing to 1 (exact zeros allowed: 0·log 0 = 0), fp32 or bf16; (B, N, N), or
+            (B, H, N, N) for ``reduction="per_head"``. It gets no gradient.
+        reduction: ``"head_mean"`` (official code): s̄ = mean over heads of the maps, loss = mean over
+            (batch, row) of Σ_j t·(log t − log(s̄ + eps)). ``"per_head"`` (the paper): mean over
+            (batch, head, row) of KL(t ‖ A) with log A = S − LSE exactly (eps unused); a (B, N, N)
+            teacher is shared by the heads.
+        validate: check the teacher (finite, non-negative, rows sum to 1); costs one read of it.
+
+    Returns:
+        a 0-dim fp32 tensor.
+    """
+    _check_qkv(q, k, k)
+    _check_teacher(teacher, q, reduction, eps)
+    scale = _check_scale(scale, q.shape[-1])
+    resolved = _resolve_backend(backend, q.device)
+    if resolved == "torch":
+        if validate:
+            _validate_teacher(teacher)
+        return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps).float()
+    _check_kernel_inputs(q, resolved, teacher)
+    q, k, teacher = _last_dim_contiguous(q, k, teacher)
+    return topology_kl_triton(q, k, None, teacher, scale, reduction, eps, validate)[1]
+
+
 def synergistic_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,14 +157,17 @@ def synergistic_attention(
     attn_dtype: torch.dtype = torch.float32,
     shield: bool = True,
     backend: str = "auto",
+    teacher: torch.Tensor | None = None,
+    kl_reduction: str = "head_mean",
+    kl_eps: float = 1e-8,
+    validate_teacher: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(scale·q·kᵀ)·v that can also return its attention maps, with MUSE's gradient routing.
 
     Args:
         q, k, v: (B, H, N, D) tensors of one dtype (fp32, fp16 or bf16; the torch backend also takes
-            fp64) on one device. Any strides
-            with a contiguous last dim run without a copy, e.g. ``x.view(B, N, H, D).transpose(1, 2)``;
-            a non-contiguous last dim is copied once.
+            fp64) on one device. Any strides with a contiguous last dim run without a copy, e.g.
+            ``x.view(B, N, H, D).transpose(1, 2)``; a non-contiguous last dim is copied once.
         scale: logit scale, default D^-½.
         return_attn: None (no maps), ``"per_head"`` → (B, H, N, N), ``"head_mean"`` → (B, N, N).
         attn_dtype: dtype the maps are written in, fp32 or bf16.
@@ -85,9 +175,13 @@ def synergistic_attention(
             when the maps are unused). False: ordinary attention gradients through both paths.
         backend: ``"triton"``, ``"torch"`` (eager reference), ``"auto"`` (Triton on CUDA, torch
             otherwise); ``"cuda"`` is reserved for the compiled CUDA backend.
+        teacher: if given, return the topology KL loss instead of the maps, from the same fused
+            forward (see :func:`topology_kl_loss` for ``teacher``, ``kl_reduction``, ``kl_eps`` and
+            ``validate_teacher``). The backward is shielded: dV from dO, dQ/dK from the KL only.
 
     Returns:
-        ``(out, attn)``: out has v's dtype and shape (B, H, N, D); attn is None unless requested.
+        ``(out, attn)``, or ``(out, kl_loss)`` with a teacher: out has v's dtype and shape
+        (B, H, N, D); attn is None unless requested; kl_loss is a 0-dim fp32 tensor.
     """
     _check_qkv(q, k, v)
     if return_attn is not None and return_attn not in MAP_KINDS:
@@ -96,23 +190,27 @@ def synergistic_attention(
         raise TypeError(f"attn_dtype must be torch.float32 or torch.bfloat16, got {attn_dtype}")
     if not isinstance(shield, bool):
         raise TypeError(f"shield must be a bool, got {type(shield).__name__}")
-    head_dim = q.shape[-1]
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    scale = _check_scale(scale, q.shape[-1])
+    if teacher is not None:
+        _check_teacher(teacher, q, kl_reduction, kl_eps)
+        if return_attn is not None:
+            raise ValueError("return_attn must be None when a teacher is given: the fused loss replaces the maps")
+        if not shield:
+            raise ValueError("shield must be True when a teacher is given: the fused loss trains q and k only")
     resolved = _resolve_backend(backend, q.device)
 
     if resolved == "torch":
-        return synergistic_attention_reference(
+        out, attn = synergistic_attention_reference(
             q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield
         )
-    if q.dtype not in INPUT_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16 for backend={resolved!r}, got {q.dtype}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head_dim (q.shape[-1]) must be one of {SUPPORTED_HEAD_DIMS} for backend='triton', got {head_dim}; "
-            "backend='torch' accepts any head_dim"
-        )
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        if teacher is None:
+            return out, attn
+        if validate_teacher:
+            _validate_teacher(teacher)
+        loss = topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=kl_reduction, eps=kl_eps)
+        return out, loss.float()
+    _check_kernel_inputs(q, resolved, teacher)
+    q, k, v, teacher = _last_dim_contiguous(q, k, v, teacher)
+    if teacher is not None:
+        return topology_kl_triton(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
     return synergistic_attention_triton(q, k, v, scale, return_attn, attn_dtype, shield)

@@ -55,7 +55,11 @@ class SynergisticAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, return_attn: str | None = None):
+    def forward(self, x: torch.Tensor, return_attn: str | None = None, teacher: torch.Tensor | None = None,
+                kl_reduction: str = "head_mean"):
+        """(B, N, dim) → ``out``; ``(out, attn)`` with ``return_attn``; ``(out, kl_loss)`` with a
+        ``teacher`` map ((B, N, N), or (B, H, N, N) for ``kl_reduction="per_head"``), computed by the
+        fused loss without materializing the maps."""
         if x.dim() != 3:
             raise ValueError(f"x must be (batch, tokens, dim), got shape {tuple(x.shape)}")
         bsz, seq, dim = x.shape
@@ -66,10 +70,11 @@ class SynergisticAttention(nn.Module):
         v = self.v_sem(x).view(bsz, seq, heads, head_dim)
         if self.rope:
             q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
-        out, attn = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          return_attn=return_attn, backend=self.backend)
+        out, extra = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           return_attn=return_attn, backend=self.backend, teacher=teacher,
+                                           kl_reduction=kl_reduction)
         out = self.proj(out.transpose(1, 2).reshape(bsz, seq, dim))
-        return out if return_attn is None else (out, attn)
+        return out if extra is None else (out, extra)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, rope={self.rope}, backend={self.backend!r}"

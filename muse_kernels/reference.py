@@ -45,3 +45,33 @@ def synergistic_attention_reference(
     if attn_dtype is not None:
         attn = attn.to(attn_dtype)
     return out, attn
+
+
+KL_REDUCTIONS = ("head_mean", "per_head")
+
+
+def topology_kl_loss_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    teacher: torch.Tensor,
+    scale: float | None = None,
+    reduction: str = "head_mean",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Topology KL of the student's maps against a teacher, with the maps materialized.
+
+    ``head_mean`` (official code): s̄ = mean over heads of A; mean over (batch, row) of
+    Σ_j t·(log t − log(s̄ + eps)). ``per_head`` (the paper): mean over (batch, head, row) of
+    KL(t ‖ A) with log A = S − LSE; a (B, N, N) teacher is shared by the heads. 0·log 0 = 0.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    t = teacher.to(_softmax_dtype(q.dtype))
+    if reduction == "head_mean":
+        mean_map = attention_probs(q, k, scale).mean(dim=1)
+        return (torch.xlogy(t, t) - t * torch.log(mean_map + eps)).sum(-1).mean()
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    log_probs = torch.log_softmax(logits.to(_softmax_dtype(logits.dtype)), dim=-1)
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    return (torch.xlogy(t, t) - t * log_probs).sum(-1).mean()

@@ -39,3 +39,18 @@ def make_qkv(shape, dtype, device, layout: str = "contiguous", seed: int = 0):
         wide = torch.randn(bsz, heads, seq, 6 * dim, generator=gen).to(device=device, dtype=dtype)
         return [wide[..., 2 * i * dim:(2 * i + 1) * dim] for i in range(3)]
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def make_teacher(bsz: int, seq: int, heads: int | None = None, dtype=torch.float32, device="cpu",
+                 seed: int = 2) -> torch.Tensor:
+    """Random teacher maps with exact zeros: rows are distributions, about a third of entries 0.
+
+    (B, N, N), or (B, H, N, N) with ``heads``. Rows are renormalized after the cast, in fp32, so
+    that low-precision teachers still sum to 1 up to their own rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (bsz, seq, seq) if heads is None else (bsz, heads, seq, seq)
+    probs = torch.softmax(2.0 * torch.randn(shape, generator=gen, dtype=torch.float64), dim=-1)
+    if seq > 1:
+        probs = torch.where(probs < 0.5 / seq, torch.zeros_like(probs), probs)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return probs.to(device=device, dtype=dtype)

@@ -1,0 +1,146 @@
+"""Topology KL loss of the student's attention maps against a teacher, without the N×N maps.
+
+The kernels are the Synergistic attention kernels (``synergistic_attention.py``), driven in two ways:
+
+* ``per_head`` (the paper): KL(t ‖ A) per (batch, head, row) needs three running sums in the
+  flash-style forward (Σ t·log t, Σ t·S, Σ t) and the row LSE — no map is ever written. Its
+  gradient with respect to the logits is ``(rowsum(t)·A − t)`` times the upstream factor, which the
+  backward kernels add to dS tile by tile, again with no map in memory.
+* ``head_mean`` (official code): the loss needs s̄ = mean over heads of A, so the maps kernel writes
+  the (B, N, N) head mean (H times smaller than the per-head maps; the per-head maps never exist),
+  the loss is an elementwise reduction over it, and its gradient dL/ds̄ = −t/(s̄ + eps) enters the
+  attention backward as a head-mean map gradient.
+
+With ``v`` the same forward also produces the attention output (one pass over Q·Kᵀ for both), and
+the backward is shielded: dV from dO, dQ/dK from the KL only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from muse_kernels.ops.synergistic_attention import (
+    new_output_like,
+    synergistic_attention_backward,
+    synergistic_attention_forward,
+)
+
+KL_REDUCTIONS = ("head_mean", "per_head")
+
+
+def validate_teacher(teacher: torch.Tensor, tol: float | None = None) -> None:
+    """Rows of a teacher map must be probability distributions: finite, non-negative, summing to 1."""
+    if tol is None:
+        tol = 2e-2 if teacher.dtype == torch.bfloat16 else 1e-3
+    t = teacher.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("teacher has non-finite entries (nan or inf)")
+    if bool((t < 0).any()):
+        raise ValueError(f"teacher has negative entries (min {t.min().item():.3e}); rows must be distributions")
+    worst = (t.sum(-1) - 1).abs().max().item()
+    if worst > tol:
+        raise ValueError(f"teacher rows must sum to 1 (within {tol:g}); the worst row is off by {worst:.3e}. "
+                         "Renormalize the teacher, or pass validate=False to skip this check")
+
+
+def topology_kl_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+    scale: float, reduction: str, eps: float,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (out or None, loss, lse2, head-mean map or None)."""
+    if reduction == "per_head":
+        out, _, lse, row_kl = synergistic_attention_forward(q, k, v, scale, teacher=teacher)
+        return out, row_kl.mean(), lse, None
+    out, mean_map, lse, _ = synergistic_attention_forward(q, k, v, scale, "head_mean", torch.float32)
+    t = teacher.float()
+    loss = (torch.xlogy(t, t) - t * torch.log(mean_map + eps)).sum(-1).mean()
+    return out, loss, lse, mean_map
+
+
+def topology_kl_backward(
+    grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+    teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    bsz, heads, seq, _ = q.shape
+    if grad_loss is None:
+        return synergistic_attention_backward(grad_out, None, q, k, v, out, lse, scale)
+    if reduction == "per_head":
+        return synergistic_attention_backward(
+            grad_out, None, q, k, v, out, lse, scale,
+            teacher=teacher, kl_grad=grad_loss.float(), kl_scale=1.0 / (bsz * heads * seq),
+        )
+    grad_mean_map = teacher.float() / (mean_map + eps) * (-grad_loss.float() / (bsz * seq))
+    return synergistic_attention_backward(grad_out, grad_mean_map, q, k, v, out, lse, scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration. ``v`` is optional: without it the op is the loss alone.
+
+
+@torch.library.custom_op("muse_kernels::topology_kl_fwd", mutates_args=())
+def _topology_kl_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+    scale: float, reduction: str, eps: float, validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Validation reads the data, so it lives inside the opaque op: torch.compile sees no
+    # data-dependent branch and does not break the graph.
+    if validate:
+        validate_teacher(teacher)
+    out, loss, lse, mean_map = topology_kl_forward(q, k, v, teacher, scale, reduction, eps)
+    # Custom ops cannot return None (nor one tensor twice): absent outputs are distinct empty tensors.
+    return (q.new_empty(0) if out is None else out), loss, lse, (q.new_empty(0) if mean_map is None else mean_map)
+
+
+@_topology_kl_fwd_op.register_fake
+def _(q, k, v, teacher, scale, reduction, eps, validate):
+    bsz, heads, seq, _ = q.shape
+    out = q.new_empty(0) if v is None else new_output_like(v)
+    mean_map = q.new_empty(bsz, seq, seq, dtype=torch.float32) if reduction == "head_mean" else q.new_empty(0)
+    return out, q.new_empty((), dtype=torch.float32), q.new_empty(bsz, heads, seq, dtype=torch.float32), mean_map
+
+
+@torch.library.custom_op("muse_kernels::topology_kl_bwd", mutates_args=())
+def _topology_kl_bwd_op(
+    grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+    teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = topology_kl_backward(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale,
+                                      reduction, eps)
+    return dq, dk, q.new_empty(0) if dv is None else dv
+
+
+@_topology_kl_bwd_op.register_fake
+def _(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale, reduction, eps):
+    return torch.empty_like(q), torch.empty_like(k), q.new_empty(0) if v is None else torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, teacher, scale, reduction, eps, _validate = inputs
+    out, _loss, lse, mean_map = output
+    ctx.set_materialize_grads(False)
+    ctx.has_v = v is not None
+    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, teacher,
+                          mean_map if reduction == "head_mean" else None)
+    ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
+
+
+def _backward(ctx, grad_out, grad_loss, _grad_lse, _grad_mean_map):
+    q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
+    dq, dk, dv = _topology_kl_bwd_op(grad_out if ctx.has_v else None, grad_loss, q, k, v, out, lse, teacher,
+                                     mean_map, ctx.scale, ctx.reduction, ctx.eps)
+    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None
+
+
+_topology_kl_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topology_kl_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+    scale: float, reduction: str, eps: float, validate: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(out or None, loss)."""
+    out, loss, _lse, _mean_map = _topology_kl_fwd_op(q, k, v, teacher, float(scale), reduction, float(eps),
+                                                     validate)
+    return (out if v is not None else None), loss
