@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.muse-installed
+TEST_JOBS ?= 2
 # Kernel tests run on CPU tensors through the Triton interpreter unless a GPU is present.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 ifeq ($(HAS_GPU),0)
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -58,6 +58,19 @@ def run(batch: int, tokens: int, dim: int, heads: int, device: torch.device) -> 
         # Relative to the gradient's own size: parameter gradients here are far below 1.
         checks.append((f"grad {name} vs fp64 reference", _max_err(p.grad, ref), 1e-4 * ref.abs().max().item()))
 
+    # The fused loss: the same KL straight from q and k, no N×N map in memory.
+    teacher = torch.softmax(teacher_logits, -1)
+    fused.zero_grad()
+    reference.zero_grad()
+    out, kl = fused(x.to(device), teacher=teacher.to(device))
+    (out.pow(2).mean() + kl).backward()
+    out64, kl64 = reference(x.double(), teacher=teacher.double())
+    (out64.pow(2).mean() + kl64).backward()
+    checks.append(("fused topology KL (no maps) vs fp64 reference", _max_err(kl, kl64), 1e-5))
+    ref_grad = reference.q_topo.weight.grad
+    checks.append(("fused-KL grad q_topo.weight vs fp64 reference", _max_err(fused.q_topo.weight.grad, ref_grad),
+                   1e-4 * ref_grad.abs().max().item()))
+
     # The shield: an output-only loss must leave the topology stream untouched.
     fused.zero_grad()
     out, _ = fused(x.to(device), return_attn="head_mean")
@@ -73,7 +86,7 @@ def run(batch: int, tokens: int, dim: int, heads: int, device: torch.device) -> 
     for name, err, tol in checks:
         passed = err <= tol
         ok &= passed
-        log.info("  [%s] %-52s max err %.2e (tol %.1e)", "PASS" if passed else "FAIL", name, err, tol)
+        log.info("  [%s] %-55s max err %.2e (tol %.1e)", "PASS" if passed else "FAIL", name, err, tol)
     log.info("all checks passed" if ok else "SOME CHECKS FAILED")
     return ok
 

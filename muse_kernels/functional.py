@@ -13,7 +13,12 @@ from muse_kernels.ops.synergistic_attention import (
 )
 from muse_kernels.ops.topology_kl_loss import KL_REDUCTIONS, topology_kl_triton
 from muse_kernels.ops.topology_kl_loss import validate_teacher as _validate_teacher
-from muse_kernels.reference import MAP_KINDS, synergistic_attention_reference, topology_kl_loss_reference
+from muse_kernels.reference import (
+    MAP_KINDS,
+    synergistic_attention_reference,
+    synergistic_attention_with_kl_reference,
+    topology_kl_loss_reference,
+)
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -132,7 +137,7 @@ def topology_kl_loss(
         validate: check the teacher (finite, non-negative, rows sum to 1); costs one read of it.
 
     Returns:
-        a 0-dim fp32 tensor.
+        a 0-dim fp32 tensor (fp64 for fp64 inputs on the torch backend).
     """
     _check_qkv(q, k, k)
     _check_teacher(teacher, q, reduction, eps)
@@ -141,7 +146,7 @@ def topology_kl_loss(
     if resolved == "torch":
         if validate:
             _validate_teacher(teacher)
-        return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps).float()
+        return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, teacher = _last_dim_contiguous(q, k, teacher)
     return topology_kl_triton(q, k, None, teacher, scale, reduction, eps, validate)[1]
@@ -200,15 +205,14 @@ def synergistic_attention(
     resolved = _resolve_backend(backend, q.device)
 
     if resolved == "torch":
-        out, attn = synergistic_attention_reference(
-            q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield
-        )
         if teacher is None:
-            return out, attn
+            return synergistic_attention_reference(
+                q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield
+            )
         if validate_teacher:
             _validate_teacher(teacher)
-        loss = topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=kl_reduction, eps=kl_eps)
-        return out, loss.float()
+        return synergistic_attention_with_kl_reference(q, k, v, teacher, scale=scale, reduction=kl_reduction,
+                                                       eps=kl_eps)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, v, teacher = _last_dim_contiguous(q, k, v, teacher)
     if teacher is not None:

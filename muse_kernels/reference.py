@@ -75,3 +75,28 @@ def topology_kl_loss_reference(
     if t.dim() == 3:
         t = t.unsqueeze(1)
     return (torch.xlogy(t, t) - t * log_probs).sum(-1).mean()
+
+
+def synergistic_attention_with_kl_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    teacher: torch.Tensor,
+    scale: float | None = None,
+    reduction: str = "head_mean",
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official training step's attention: maps materialized once, shielded output, KL on the maps."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = (torch.matmul(q, k.transpose(-1, -2)) * scale).to(_softmax_dtype(q.dtype))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs.detach().to(v.dtype), v)
+    t = teacher.to(probs.dtype)
+    if reduction == "head_mean":
+        loss = (torch.xlogy(t, t) - t * torch.log(probs.mean(dim=1) + eps)).sum(-1).mean()
+    else:
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        loss = (torch.xlogy(t, t) - t * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return out, loss

@@ -14,8 +14,8 @@ def assert_flash_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, r
                       dtype: torch.dtype) -> None:
     """max |ours − ref| ≤ 2 · max |torch-same-dtype − ref| + atol (the FlashAttention test rule)."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    ours_err = (ours.double().cpu() - ref.double().cpu()).abs().max().item()
-    eager_err = (same_dtype.double().cpu() - ref.double().cpu()).abs().max().item()
+    ours_err = (ours.double() - ref.double()).abs().max().item()
+    eager_err = (same_dtype.double() - ref.double()).abs().max().item()
     bound = 2 * eager_err + FLASH_RULE_ATOL[dtype]
     assert ours_err <= bound, f"{name}: max|ours-ref|={ours_err:.3e} > 2*{eager_err:.3e}+atol={bound:.3e}"
 

@@ -44,15 +44,15 @@ def check_parity(shape, dtype, device, *, return_attn, shield, maps_used=True, l
         map_shape = (bsz, heads, seq, seq) if return_attn == "per_head" else (bsz, seq, seq)
         grad_attn = torch.randn(map_shape, generator=gen, dtype=torch.float64)
 
-    def upstream(t):
-        return None if t is None else t.to(device)
+    grad_out = grad_out.to(device)
+    grad_attn = None if grad_attn is None else grad_attn.to(device)
 
     ours = _run(q, k, v, backend="triton", return_attn=return_attn, shield=shield, attn_dtype=attn_dtype,
-                grad_out=upstream(grad_out), grad_attn=upstream(grad_attn))
-    # The eager same-dtype baseline keeps its maps in the dtype ours writes them in.
-    eager = _run(q.cpu(), k.cpu(), v.cpu(), backend="torch", return_attn=return_attn, shield=shield,
+                grad_out=grad_out, grad_attn=grad_attn)
+    # The eager same-dtype baseline (on the same device) keeps its maps in the dtype ours writes them in.
+    eager = _run(q, k, v, backend="torch", return_attn=return_attn, shield=shield,
                  attn_dtype=attn_dtype, grad_out=grad_out, grad_attn=grad_attn)
-    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out64, attn64 = synergistic_attention_reference(q64, k64, v64, return_attn=return_attn, shield=shield,
                                                     attn_dtype=None)
     outputs, grads = [out64], [grad_out]

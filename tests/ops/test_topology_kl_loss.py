@@ -34,12 +34,12 @@ def check_loss_parity(shape, dtype, device, reduction, shared, layout="contiguou
     loss = topology_kl_loss(qo, ko, teacher, reduction=reduction, backend="triton")
     ours = (loss, *_grads(loss, (qo, ko)))
 
-    qe, ke = (x.detach().cpu().requires_grad_() for x in (q, k))
-    loss_e = topology_kl_loss_reference(qe, ke, teacher.cpu(), reduction=reduction)
+    qe, ke = (x.detach().requires_grad_() for x in (q, k))
+    loss_e = topology_kl_loss_reference(qe, ke, teacher, reduction=reduction)
     eager = (loss_e, *_grads(loss_e, (qe, ke)))
 
-    q64, k64 = (x.detach().cpu().double().requires_grad_() for x in (q, k))
-    loss64 = topology_kl_loss_reference(q64, k64, teacher.cpu().double(), reduction=reduction)
+    q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
+    loss64 = topology_kl_loss_reference(q64, k64, teacher.double(), reduction=reduction)
     ref = (loss64, *_grads(loss64, (q64, k64)))
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -85,9 +85,10 @@ def test_fused_attention_and_loss(seq, dtype, reduction, shared, device):
         total = (out * grad_out.to(out.dtype)).sum() + loss
         return (out, loss, *_grads(total, (q, k, v)))
 
-    ours = run(q, k, v, teacher, grad_out.to(device), "triton")
-    eager = run(q.cpu(), k.cpu(), v.cpu(), teacher.cpu(), grad_out, "torch")
-    ref = run(*(x.cpu().double() for x in (q, k, v, teacher, grad_out)), "torch")
+    grad_out = grad_out.to(device)
+    ours = run(q, k, v, teacher, grad_out, "triton")
+    eager = run(q, k, v, teacher, grad_out, "torch")
+    ref = run(*(x.double() for x in (q, k, v, teacher, grad_out)), "torch")
     for name, o, e, r in zip(("out", "loss", "dq", "dk", "dv"), ours, eager, ref):
         assert_flash_rule(name, o, e, r, dtype)
     # The output's gradient never reaches q, k: they match the loss-only gradients.

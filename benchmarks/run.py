@@ -1,0 +1,89 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--ops ...] [--shapes muse|sweep] [--out DIR]``.
+
+All providers of an op are measured inside one process, against one measured copy bandwidth, and the
+results are written as JSON and CSV (with provenance), a markdown table and PNG plots. ``--smoke``
+runs the whole harness on CPU with tiny shapes in seconds: it checks the harness, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+import torch
+
+from benchmarks import bench_synergistic_attention, bench_topology_kl_loss
+from benchmarks.common import copy_bandwidth_gbps, measure, provenance, write_results
+
+log = logging.getLogger("benchmarks")
+
+OPS = {bench_synergistic_attention.OP: bench_synergistic_attention, bench_topology_kl_loss.OP: bench_topology_kl_loss}
+
+
+def shape_set(name: str) -> list[dict]:
+    if name == "muse":
+        return [dict(B=32, H=8, N=n, D=64) for n in (64, 256)]
+    if name == "sweep":
+        return [dict(B=8, H=8, N=n, D=d) for d in (64, 128) for n in (64, 128, 256, 512, 1024, 2048, 4096)]
+    if name == "smoke":
+        return [dict(B=1, H=2, N=n, D=16) for n in (16, 33)]
+    raise ValueError(f"unknown shape set {name!r}: muse, sweep or smoke")
+
+
+def default_out_dir(info: dict) -> str:
+    name = info.get("gpu") or "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS))
+    parser.add_argument("--shapes", choices=("muse", "sweep"), default="muse")
+    parser.add_argument("--modes", nargs="+", help="subset of fwd, bwd, fwd+bwd (default: each op's own)")
+    parser.add_argument("--providers", nargs="+", help="subset of providers (default: all of each op)")
+    parser.add_argument("--variants", nargs="+", help="subset of variants (default: all of each op)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--out", help="output folder (default: benchmarks/results/<gpu>)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the harness, not speed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        log.error("no CUDA device: benchmarks need a GPU (use --smoke to check the harness on CPU)")
+        return 2
+    shapes = shape_set("smoke" if args.smoke else args.shapes)
+    dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
+    info = provenance(device, argv if argv is not None else sys.argv[1:])
+    info["copy_gbps"] = copy_bandwidth_gbps(device)
+    if info["copy_gbps"]:
+        log.info("measured copy bandwidth: %.0f GB/s", info["copy_gbps"])
+
+    all_cases = []
+    for op in args.ops:
+        module = OPS[op]
+        modes = [m for m in (args.modes or module.MODES) if m in module.MODES]
+        providers = [p for p in (args.providers or module.PROVIDERS) if p in module.PROVIDERS]
+        variants = [v for v in (args.variants or module.VARIANTS) if v in module.VARIANTS]
+        all_cases += module.cases(shapes, dtype, device, providers, modes, variants)
+
+    from tqdm import tqdm
+
+    results = []
+    for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
+        results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5))
+    out_dir = args.out or default_out_dir(info)
+    paths = write_results(results, info, out_dir)
+    ok = sum(r.status == "ok" for r in results)
+    log.info("%d cases: %d measured, %d skipped, %d out of memory", len(results), ok,
+             sum(r.status == "skipped" for r in results), sum(r.status == "oom" for r in results))
+    log.info("wrote %s", ", ".join(sorted(paths.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

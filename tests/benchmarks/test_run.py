@@ -1,0 +1,61 @@
+"""The benchmark harness end to end on CPU (``--smoke``): it checks the harness, not speed."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_synergistic_attention, bench_topology_kl_loss
+from benchmarks.run import main
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--smoke", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_case_is_reported_with_provenance(smoke_run):
+    out, data = smoke_run
+    info = data["provenance"]
+    for key in ("date", "command", "git_sha", "torch", "triton", "device"):
+        assert key in info, key
+    assert "--smoke" in info["command"]
+    rows = data["results"]
+    expected = 0
+    for module in (bench_synergistic_attention, bench_topology_kl_loss):
+        expected += 2 * len(module.VARIANTS) * len(module.MODES) * len(module.PROVIDERS)
+    assert len(rows) == expected
+    with open(out / "results.csv") as f:
+        assert len(list(csv.reader(f))) == expected + 1
+
+
+def test_cpu_providers_are_measured_and_gpu_only_ones_skipped_with_a_reason(smoke_run):
+    _, data = smoke_run
+    by_provider = {}
+    for row in data["results"]:
+        by_provider.setdefault(row["provider"], set()).add(row["status"])
+    for provider in ("eager", "ours", "sdpa_math"):
+        assert by_provider[provider] == {"ok"}, provider
+    for provider in ("sdpa_flash", "cuda"):
+        assert by_provider[provider] == {"skipped"}, provider
+    for row in data["results"]:
+        if row["status"] == "ok":
+            assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"] and row["tflops"] > 0
+        else:
+            assert row["reason"]
+
+
+def test_table_and_plots_are_written(smoke_run):
+    out, _ = smoke_run
+    table = (out / "results.md").read_text()
+    assert "| op | variant | mode |" in table and "Command:" in table
+    assert len(list(out.glob("*.png"))) >= 4
+
+
+def test_without_gpu_and_without_smoke_exits_with_a_message(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["--shapes", "muse"]) == 2
