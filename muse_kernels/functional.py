@@ -28,6 +28,16 @@ ATTN_DTYPES = (torch.float32, torch.bfloat16)
 TEACHER_DTYPES = (torch.float32, torch.bfloat16)  # the torch backend also takes fp64
 
 
+def _autocast(*tensors: torch.Tensor):
+    """Under autocast, run in its lower-precision dtype, as SDPA does: a model whose norms autocast
+    to fp32 while its linears give bf16 would otherwise hand over mixed dtypes."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in tensors)
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -139,6 +149,7 @@ def topology_kl_loss(
     Returns:
         a 0-dim fp32 tensor (fp64 for fp64 inputs on the torch backend).
     """
+    q, k = _autocast(q, k)
     _check_qkv(q, k, k)
     _check_teacher(teacher, q, reduction, eps)
     scale = _check_scale(scale, q.shape[-1])
@@ -188,6 +199,7 @@ def synergistic_attention(
         ``(out, attn)``, or ``(out, kl_loss)`` with a teacher: out has v's dtype and shape
         (B, H, N, D); attn is None unless requested; kl_loss is a 0-dim fp32 tensor.
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v)
     if return_attn is not None and return_attn not in MAP_KINDS:
         raise ValueError(f"return_attn must be None, 'per_head' or 'head_mean', got {return_attn!r}")

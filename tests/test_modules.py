@@ -98,3 +98,18 @@ def test_bad_constructor_and_input():
         SynergisticAttention(65, num_heads=8)
     with pytest.raises(ValueError, match=r"x must be \(batch, tokens, dim\)"):
         SynergisticAttention(64, num_heads=4)(torch.randn(64))
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_module_runs_under_bf16_autocast(backend, device):
+    """Under autocast the linears give bf16 while RMSNorm may give fp32: the op runs in bf16."""
+    torch.manual_seed(0)
+    module = SynergisticAttention(32, num_heads=2, backend=backend).to(device)
+    x = torch.randn(2, 10, 32, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, attn = module(x, return_attn="head_mean")
+    assert out.dtype == torch.bfloat16 and attn.dtype == torch.float32
+    out.float().sum().backward()
+    assert module.v_sem.weight.grad is not None
+    reference = module(x, return_attn="head_mean")[0]
+    torch.testing.assert_close(out.float(), reference, rtol=5e-2, atol=5e-2)

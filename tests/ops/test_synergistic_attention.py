@@ -226,3 +226,16 @@ def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
 def test_parity_muse_shapes_gpu(seq, dtype, shield, return_attn):
     check_parity((32, 8, seq, 64), dtype, torch.device("cuda"), return_attn=return_attn, shield=shield,
                  layout="bnhd")
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_mixed_dtypes_under_autocast_run_in_the_autocast_dtype(backend, device):
+    q, k, _ = make_qkv((1, 2, 12, 16), torch.float32, device)
+    v = torch.randn(1, 2, 12, 16, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, attn = synergistic_attention(q, k, v, return_attn="per_head", backend=backend)
+    assert out.dtype == torch.bfloat16 and attn.dtype == torch.float32
+    expected, _ = synergistic_attention(q.bfloat16(), k.bfloat16(), v, backend=backend)
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        synergistic_attention(q, k, v, backend=backend)
