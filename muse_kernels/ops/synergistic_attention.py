@@ -2,7 +2,8 @@
 
 Forward
   * ``_synergistic_attention_fwd_kernel`` streams key blocks flash-style (online softmax, exp2) and
-    writes ``out`` and the row log-sum-exp (base 2). One program per (batch·head, query block) on a
+    writes ``out`` and the row log-sum-exp (base 2); without V only the LSE, and with a teacher map
+    also the per-head KL(t ‖ A) of every row (``topology_kl_loss.py`` drives these modes). One program per (batch·head, query block) on a
     1-D grid, so the number of (batch, head) pairs is not bounded by CUDA's 65535 limit on grid
     axes 1 and 2.
   * ``_synergistic_attention_maps_kernel`` writes normalized maps from the stored LSE, one program per
@@ -15,11 +16,11 @@ Backward (two deterministic kernels, no atomics)
   * ``_synergistic_attention_bwd_dkdv_kernel`` (per key block) computes dV = Pᵀ·dO and dK.
   With the shield on, dP is only the maps' gradient (dO·Vᵀ is never formed); with it off, dP = dO·Vᵀ
   plus the maps' gradient. Head-mean map gradients are read with a zero head stride and weight 1/H.
+  A per-head KL term adds (rowsum(t)·P − t) to dS in both kernels; dV is skipped without dO.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -30,7 +31,6 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-MAP_MODES = ("none", "per_head", "head_mean")
 
 
 @triton.jit
@@ -584,7 +584,3 @@ def synergistic_attention_triton(
     map_mode = "none" if return_attn is None else return_attn
     out, attn, _lse = _synergistic_attention_fwd_op(q, k, v, float(scale), map_mode, attn_dtype, shield)
     return out, (None if return_attn is None else attn)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
