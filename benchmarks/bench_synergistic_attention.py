@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Case, SkipCase
+from benchmarks.common import Case, SkipCase, build_cases
 from muse_kernels import synergistic_attention
 from muse_kernels.reference import attention_probs
 
@@ -136,20 +136,11 @@ def forward_bytes(shape: dict, dtype: torch.dtype, return_attn: str | None, attn
 
 
 def cases(shapes: list[dict], dtype: torch.dtype, device: torch.device, providers, modes, variants) -> list[Case]:
-    out = []
-    for shape in shapes:
-        for variant in variants:
-            return_attn, attn_dtype = VARIANTS[variant]
-            for mode in modes:
-                for provider in providers:
-                    def setup(provider=provider, return_attn=return_attn, attn_dtype=attn_dtype, mode=mode,
-                              shape=shape):
-                        return timed_step(forward_fn(provider, return_attn, attn_dtype, device), mode, shape,
-                                          dtype, device)
-                    out.append(Case(
-                        OP, provider, variant, mode, dict(shape), str(dtype).removeprefix("torch."), setup,
-                        flops=attention_flops(shape, mode),
-                        bytes=forward_bytes(shape, dtype, return_attn, attn_dtype) if mode == "fwd" else 0.0,
-                    ))
-    return out
+    def make_step(provider, variant, mode, shape):
+        return_attn, attn_dtype = VARIANTS[variant]
+        return timed_step(forward_fn(provider, return_attn, attn_dtype, device), mode, shape, dtype, device)
 
+    def bytes_moved(shape, variant, mode):
+        return forward_bytes(shape, dtype, *VARIANTS[variant]) if mode == "fwd" else 0.0
+
+    return build_cases(OP, shapes, dtype, variants, modes, providers, make_step, attention_flops, bytes_moved)

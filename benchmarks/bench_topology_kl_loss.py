@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_synergistic_attention import _sdpa_context, attention_flops, make_qkv, ours_backend
-from benchmarks.common import Case, SkipCase
+from benchmarks.common import Case, SkipCase, build_cases
 from muse_kernels import synergistic_attention, topology_kl_loss
 from muse_kernels.reference import synergistic_attention_with_kl_reference, topology_kl_loss_reference
 
@@ -72,16 +72,9 @@ def timed_step(run, mode: str, shape: dict, dtype: torch.dtype, device: torch.de
 
 
 def cases(shapes: list[dict], dtype: torch.dtype, device: torch.device, providers, modes, variants) -> list[Case]:
-    out = []
-    for shape in shapes:
-        for variant in variants:
-            reduction, with_attention = VARIANTS[variant]
-            for mode in modes:
-                for provider in providers:
-                    def setup(provider=provider, reduction=reduction, with_attention=with_attention, mode=mode,
-                              shape=shape):
-                        return timed_step(step_fn(provider, reduction, with_attention, device), mode, shape,
-                                          dtype, device)
-                    out.append(Case(OP, provider, variant, mode, dict(shape), str(dtype).removeprefix("torch."),
-                                    setup, flops=attention_flops(shape, mode)))
-    return out
+    def make_step(provider, variant, mode, shape):
+        reduction, with_attention = VARIANTS[variant]
+        return timed_step(step_fn(provider, reduction, with_attention, device), mode, shape, dtype, device)
+
+    return build_cases(OP, shapes, dtype, variants, modes, providers, make_step, attention_flops,
+                       lambda shape, variant, mode: 0.0)

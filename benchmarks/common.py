@@ -112,6 +112,24 @@ def measure(case: Case, device: torch.device, copy_gbps: float | None, reps: int
     return result
 
 
+def build_cases(op: str, shapes: list[dict], dtype: torch.dtype, variants, modes, providers,
+                make_step: Callable[[str, str, str, dict], Callable[[], object]],
+                flops: Callable[[dict, str], float], bytes_moved: Callable[[dict, str, str], float]) -> list[Case]:
+    """Every (shape, variant, mode, provider) of an op; ``make_step(provider, variant, mode, shape)``
+    runs at setup time, so a provider that cannot run here is skipped, not fatal."""
+    cases = []
+    for shape in shapes:
+        for variant in variants:
+            for mode in modes:
+                for provider in providers:
+                    cases.append(Case(
+                        op, provider, variant, mode, dict(shape), str(dtype).removeprefix("torch."),
+                        lambda p=provider, v=variant, m=mode, s=shape: make_step(p, v, m, s),
+                        flops=flops(shape, mode), bytes=bytes_moved(shape, variant, mode),
+                    ))
+    return cases
+
+
 class SkipCase(Exception):
     """Raised by a case's setup when its provider cannot run here (the reason is recorded)."""
 

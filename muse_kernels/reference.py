@@ -16,10 +16,15 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · q·kᵀ computed in the input dtype, then promoted to the softmax dtype."""
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return logits.to(_softmax_dtype(logits.dtype))
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """A = softmax(scale · q·kᵀ) with the softmax in fp32 (fp64 for fp64 inputs); shape (B, H, N, N)."""
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return torch.softmax(logits.to(_softmax_dtype(logits.dtype)), dim=-1)
+    return torch.softmax(_attention_logits(q, k, scale), dim=-1)
 
 
 def synergistic_attention_reference(
@@ -50,6 +55,16 @@ def synergistic_attention_reference(
 KL_REDUCTIONS = ("head_mean", "per_head")
 
 
+def _topology_kl(logits: torch.Tensor, probs: torch.Tensor, teacher: torch.Tensor, reduction: str,
+                 eps: float) -> torch.Tensor:
+    t = teacher.to(probs.dtype)
+    if reduction == "head_mean":
+        return (torch.xlogy(t, t) - t * torch.log(probs.mean(dim=1) + eps)).sum(-1).mean()
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    return (torch.xlogy(t, t) - t * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
 def topology_kl_loss_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,15 +81,8 @@ def topology_kl_loss_reference(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    t = teacher.to(_softmax_dtype(q.dtype))
-    if reduction == "head_mean":
-        mean_map = attention_probs(q, k, scale).mean(dim=1)
-        return (torch.xlogy(t, t) - t * torch.log(mean_map + eps)).sum(-1).mean()
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    log_probs = torch.log_softmax(logits.to(_softmax_dtype(logits.dtype)), dim=-1)
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    return (torch.xlogy(t, t) - t * log_probs).sum(-1).mean()
+    logits = _attention_logits(q, k, scale)
+    return _topology_kl(logits, torch.softmax(logits, dim=-1), teacher, reduction, eps)
 
 
 def synergistic_attention_with_kl_reference(
@@ -89,14 +97,7 @@ def synergistic_attention_with_kl_reference(
     """The official training step's attention: maps materialized once, shielded output, KL on the maps."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    logits = (torch.matmul(q, k.transpose(-1, -2)) * scale).to(_softmax_dtype(q.dtype))
+    logits = _attention_logits(q, k, scale)
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.detach().to(v.dtype), v)
-    t = teacher.to(probs.dtype)
-    if reduction == "head_mean":
-        loss = (torch.xlogy(t, t) - t * torch.log(probs.mean(dim=1) + eps)).sum(-1).mean()
-    else:
-        if t.dim() == 3:
-            t = t.unsqueeze(1)
-        loss = (torch.xlogy(t, t) - t * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-    return out, loss
+    return out, _topology_kl(logits, probs, teacher, reduction, eps)
