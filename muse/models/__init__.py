@@ -3,3 +3,6 @@
 from muse.models.block import BlockOutput, SwiGLU, SynergisticBlock
 
 __all__ = ["BlockOutput", "SwiGLU", "SynergisticBlock"]
+from muse.models.tokenizer import GradientScaler, MuseOutput, MuseTokenizer, itc_loss, space_to_depth
+
+__all__ += ["GradientScaler", "MuseOutput", "MuseTokenizer", "itc_loss", "space_to_depth"]

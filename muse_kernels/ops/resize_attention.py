@@ -70,6 +70,8 @@ def resize_attention_4d(attn: torch.Tensor, target_hw, source_hw=None) -> torch.
 
     compute_dtype = torch.promote_types(attn.dtype, torch.float32)
     resize = interpolation_matrix(source_hw, target_hw, attn.device, compute_dtype)
-    resized = resize @ attn.to(compute_dtype) @ resize.t()
-    resized = resized / (resized.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    # Autocast would run the GEMMs in bf16 and break the rows' normalization.
+    with torch.autocast(attn.device.type, enabled=False):
+        resized = resize @ attn.to(compute_dtype) @ resize.t()
+        resized = resized / (resized.sum(dim=-1, keepdim=True) + RENORM_EPS)
     return resized.to(attn.dtype)

@@ -61,3 +61,12 @@ def test_interpolation_matrices_are_cached():
 def test_bad_input(args, exc, match):
     with pytest.raises(exc, match=match):
         resize_attention_4d(*args)
+
+
+def test_autocast_does_not_lower_the_precision():
+    attn = make_teacher(2, 36)
+    expected = resize_attention_4d(attn, (4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = resize_attention_4d(attn, (4, 4))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

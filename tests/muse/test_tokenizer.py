@@ -1,0 +1,162 @@
+"""MuseTokenizer (tiny config): shapes, gradient routing (exact), fused = materialized topology,
+the teacher pipeline, local from_pretrained loading, bad input."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muse.config import load_config
+from muse.models import MuseTokenizer
+
+TOPOLOGY = ("q_topo", "k_topo", "q_norm", "k_norm")
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    return MuseTokenizer(load_config("tiny").model)
+
+
+@pytest.fixture
+def model(base_model):
+    return copy.deepcopy(base_model)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def _block_grads(model, index):
+    block = model.muse_blocks[index]
+    return {n.removesuffix(".weight"): (torch.zeros_like(p) if p.grad is None else p.grad)
+            for n, p in block.named_parameters()}
+
+
+def test_forward_backward_shapes(model, images):
+    out = model(images, text_embeds=torch.randn(2, 16))
+    assert out.reconstruction.shape == images.shape
+    assert out.reconstruction.abs().max() <= 1
+    assert out.latents.shape == (2, 8, 4, 4)
+    assert out.image_embeds.shape == (2, 16)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
+    assert out.loss_topo.dim() == 0 and out.loss_itc.dim() == 0 and out.maps is None
+    (out.reconstruction.mean() + out.loss_topo + out.loss_itc).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert torch.equal(model.encode(images), out.latents.detach())
+
+
+def test_bf16_autocast_on_cpu(model, images):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    (out.reconstruction.float().mean() + out.loss_topo).backward()
+    assert torch.isfinite(out.loss_topo)
+
+
+def test_reconstruction_loss_never_reaches_the_supervised_topology_weights(model, images):
+    model(images).reconstruction.pow(2).mean().backward()
+    grads = _block_grads(model, -1)
+    for name in TOPOLOGY:
+        assert torch.count_nonzero(grads[name]) == 0, name
+    assert torch.count_nonzero(grads["v_sem"]) > 0
+
+
+def test_topology_loss_reaches_only_topology_weights(model, images):
+    model(images).loss_topo.backward()
+    grads = _block_grads(model, -1)
+    for name in ("v_sem", "proj", "mlp.w1", "mlp.w2", "mlp.w3", "norm2", "v_itc"):
+        assert torch.count_nonzero(grads[name]) == 0, name
+    for name in TOPOLOGY:
+        assert torch.count_nonzero(grads[name]) > 0, name
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.decoder.parameters())
+
+
+def test_itc_loss_skips_the_last_blocks_attention(model, images):
+    model(images, text_embeds=torch.randn(2, 16)).loss_itc.backward()
+    grads = _block_grads(model, -1)
+    for name in ("q_topo", "k_topo", "v_sem"):
+        assert torch.count_nonzero(grads[name]) == 0, name
+    assert torch.count_nonzero(grads["v_itc"]) > 0
+    assert torch.count_nonzero(_block_grads(model, 0)["v_sem"]) > 0
+
+
+def test_gradient_scaler_scales_exactly(base_model, images):
+    grads = {}
+    for scale in (1.0, 0.5):
+        model = copy.deepcopy(base_model)
+        model.grad_scaler.scale = scale
+        model(images).reconstruction.pow(2).mean().backward()
+        grads[scale] = _block_grads(model, -1)["v_sem"]
+    assert torch.count_nonzero(grads[1.0]) > 0
+    torch.testing.assert_close(grads[0.5], grads[1.0] * 0.5, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ("head_mean", "per_head"))
+@pytest.mark.parametrize("supervise", ("last", "all"))
+def test_fused_topology_equals_materialized_maps(base_model, images, reduction, supervise):
+    # The fused path through the Triton kernels wherever they can run (GPU or interpreter).
+    kernels = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    results = []
+    for fused in (True, False):
+        model = copy.deepcopy(base_model)
+        model.cfg = copy.deepcopy(model.cfg)
+        model.cfg.topo_reduction, model.cfg.fused_topology = reduction, fused
+        for block in model.muse_blocks:
+            block.backend = "triton" if fused and kernels else "torch"
+        model.supervised = set(range(len(model.muse_blocks))) if supervise == "all" else {len(model.muse_blocks) - 1}
+        out = model(images)
+        (out.loss_topo + out.reconstruction.mean()).backward()
+        # The kernels give shielded, unsupervised q/k weights exact zeros where eager gives None.
+        results.append((out.loss_topo.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                 for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_f, grads_f), (loss_m, grads_m) = results
+    torch.testing.assert_close(loss_f, loss_m, rtol=1e-5, atol=1e-6)
+    for name in grads_m:
+        torch.testing.assert_close(grads_f[name], grads_m[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_teacher_maps_match_a_direct_computation(model, images):
+    maps = model.teacher_maps(images, (4, 4))
+    normalized = ((images + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    attn = model.teacher(pixel_values=normalized, output_attentions=True).attentions[-1].mean(1)
+    patches = attn[:, 3:, 3:]  # CLS + 2 registers
+    patches = patches / patches.sum(-1, keepdim=True)
+    keys = F.interpolate(patches.reshape(-1, 1, 8, 8), size=(4, 4), mode="bilinear", align_corners=False)
+    keys = keys.reshape(2, 64, 16).transpose(1, 2).reshape(-1, 1, 8, 8)
+    both = F.interpolate(keys, size=(4, 4), mode="bilinear", align_corners=False).reshape(2, 16, 16).transpose(1, 2)
+    expected = both / (both.sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    assert not model.teacher.training
+    model.train()
+    assert not model.teacher.training and model.muse_blocks[0].training
+
+
+def test_pretrained_components_load_from_local_folders(base_model, tmp_path, images):
+    base_model.encoder.save_pretrained(tmp_path / "encoder")
+    base_model.teacher.save_pretrained(tmp_path / "teacher")
+    cfg = load_config("tiny", [f"model.encoder.pretrained={tmp_path / 'encoder'}",
+                               f"model.teacher.pretrained={tmp_path / 'teacher'}"]).model
+    loaded = MuseTokenizer(cfg)
+    for name, tensor in base_model.encoder.state_dict().items():
+        assert torch.equal(loaded.encoder.state_dict()[name], tensor), name
+    for name, tensor in base_model.teacher.state_dict().items():
+        assert torch.equal(loaded.teacher.state_dict()[name], tensor), name
+    # The rest of the model: a full state dict loads strictly, with no key remapping.
+    loaded.load_state_dict(base_model.state_dict(), strict=True)
+    torch.testing.assert_close(loaded(images).reconstruction, base_model(images).reconstruction)
+
+
+@pytest.mark.parametrize("make_input,match", [
+    (lambda: (torch.rand(2, 3, 28, 28),), "must be 32x32"),
+    (lambda: (torch.rand(2, 1, 32, 32),), "3 channels"),
+    (lambda: (torch.rand(3, 32, 32),), r"images must be a \(batch, 3, 32, 32\)"),
+    (lambda: (torch.rand(2, 3, 32, 32), torch.randn(2, 8)), r"text_embeds must be \(batch=2, 16\)"),
+    (lambda: (torch.rand(2, 3, 32, 32), torch.randn(3, 16)), r"text_embeds must be \(batch=2, 16\)"),
+])
+def test_bad_input(base_model, make_input, match):
+    with pytest.raises(ValueError, match=match):
+        base_model(*make_input())
