@@ -1,0 +1,1 @@
+"""Building blocks of the training system: stages, optimizer groups and schedule, EMA, checkpoints."""

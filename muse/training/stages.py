@@ -1,0 +1,33 @@
+"""The three-stage curriculum (SPEC §4): what each stage trains."""
+
+from __future__ import annotations
+
+from torch import nn
+
+STAGES = (1, 2, 3)
+# Stage 1 (topology warm-up) trains the connector and decoder; stage 2 (semantic injection) adds the
+# ITC head; stage 3 (synergistic tuning) also tunes the encoder. Teacher and text encoder never train.
+_TRAINABLE = {
+    1: ("adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder"),
+    2: ("adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "itc_proj", "logit_scale"),
+    3: ("encoder", "adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "itc_proj", "logit_scale"),
+}
+BACKBONE = ("encoder",)
+
+
+def trainable_prefixes(stage: int) -> tuple[str, ...]:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return _TRAINABLE[stage]
+
+
+def configure_stage(model: nn.Module, stage: int) -> list[str]:
+    """Sets requires_grad for the stage and returns the names of the trainable parameters."""
+    prefixes = trainable_prefixes(stage)
+    trainable = []
+    for name, param in model.named_parameters():
+        top = name.split(".", 1)[0]
+        param.requires_grad_(top in prefixes)
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
