@@ -1,0 +1,212 @@
+"""WebDataset shards: writing them (``muse-make-shards``) and reading them for training.
+
+A sample is ``NNNNNN.jpg`` (image), ``NNNNNN.txt`` (caption), optionally ``.cls`` (class index) and
+``.seg.png`` (segmentation labels). Training reads several sources mixed by sampling ratios.
+
+Determinism: the order of samples (shard order per epoch, source choice) comes from seeded
+generators, and each sample's crop and flip from a generator seeded by (seed, sample number), so a
+resumed run that skips the samples it already consumed sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger("muse.data")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# -------------------------------------------------------------------------------------------- writing
+
+def write_shards(samples, out_dir: str | os.PathLike, samples_per_shard: int = 1000, prefix: str = "shard",
+                 quality: int = 95) -> list[str]:
+    """``samples``: iterable of dicts with ``image`` (PIL image or HxWx3 uint8 array), ``caption`` (str),
+    optional ``cls`` (int). Returns the shard paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pattern = str(out_dir / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
+        for index, sample in enumerate(samples):
+            image = sample["image"]
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image))
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG", quality=quality)
+            record = {"__key__": f"{index:06d}", "jpg": buf.getvalue(), "txt": sample.get("caption", "")}
+            if sample.get("cls") is not None:
+                record["cls"] = str(int(sample["cls"]))
+            sink.write(record)
+    return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+
+
+def read_captions(path: str | os.PathLike) -> dict[str, str]:
+    """A captions file: one ``filename<TAB>caption`` per line."""
+    captions = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{path}:{number}: expected 'filename<TAB>caption', got {line!r}")
+        name, caption = line.split("\t", 1)
+        captions[name.strip()] = caption.strip()
+    return captions
+
+
+def make_shards_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Turn an image folder (+ captions file) into WebDataset shards")
+    parser.add_argument("--images", required=True, help="folder of images")
+    parser.add_argument("--captions", help="file of 'filename<TAB>caption' lines")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--per-shard", type=int, default=1000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        log.error("no images (%s) in %s", ", ".join(IMAGE_SUFFIXES), args.images)
+        return 2
+    captions = read_captions(args.captions) if args.captions else {}
+    samples = ({"image": Image.open(p), "caption": captions.get(p.name, "")} for p in files)
+    shards = write_shards(samples, args.out, args.per_shard)
+    log.info("wrote %d images into %d shards in %s", len(files), len(shards), args.out)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+def _seed(*parts) -> int:
+    """A stable 63-bit seed from its parts (Python's hash() of strings changes between processes)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
+
+@dataclass
+class Source:
+    shards: list[str]
+    ratio: float = 1.0
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """A glob, a brace pattern (``data-{000000..000099}.tar``) or a single path."""
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else list(wds.shardlists.expand_urls(pattern))
+    missing = [p for p in paths if "://" not in p and not os.path.exists(p)]
+    if not paths or missing:
+        raise FileNotFoundError(f"no shards for {pattern!r}" + (f" (missing: {missing[:3]})" if missing else ""))
+    return paths
+
+
+def preprocess(image: Image.Image, size: int, generator: torch.Generator, train: bool = True) -> torch.Tensor:
+    """Resize the shorter edge to ``size``, crop ``size``² (random in training, centre otherwise), flip
+    half the time in training; (3, size, size) in [-1, 1]."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    if train:
+        left = int(torch.randint(0, new_w - size + 1, (1,), generator=generator))
+        top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    if train and bool(torch.rand((), generator=generator) < 0.5):
+        pixels = pixels.flip(-1)
+    return pixels
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of ``{"image", "caption", "cls"}`` samples from mixed sources.
+
+    Shards are split across distributed ranks and data-loader workers (each a "part"); a sample that
+    fails to decode is skipped, counted (``skipped``) and logged, never fatal. Every sample carries its
+    ``position`` (part, raw sample number); ``resume_positions`` ({part: number}, from the batches a
+    resumed run already consumed) fast-forwards each part without decoding anything.
+    """
+
+    def __init__(self, sources: list[Source], image_size: int, seed: int = 0, train: bool = True,
+                 rank: int = 0, world_size: int = 1, resume_positions: dict[int, int] | None = None):
+        super().__init__()
+        if not sources:
+            raise ValueError("at least one data source is needed")
+        self.sources, self.image_size, self.seed, self.train = sources, image_size, seed, train
+        self.rank, self.world_size = rank, world_size
+        self.resume_positions = dict(resume_positions or {})
+        self.skipped = 0
+
+    def _raw_samples(self, source_index: int, shards: list[str]):
+        epoch = 0
+        while True:
+            order = list(shards)
+            random.Random(_seed(self.seed, source_index, epoch)).shuffle(order)
+            for shard in order:
+                yield from wds.WebDataset(shard, shardshuffle=False, empty_check=False)
+            epoch += 1
+
+    def _decode(self, raw: dict, part: int, number: int) -> dict | None:
+        try:
+            image = Image.open(io.BytesIO(raw["jpg"]))
+            image.load()
+            generator = torch.Generator().manual_seed(_seed(self.seed, part, number))
+            sample = {"image": preprocess(image, self.image_size, generator, self.train),
+                      "caption": raw.get("txt", b"").decode("utf-8") if isinstance(raw.get("txt"), bytes)
+                      else raw.get("txt", ""),
+                      "cls": int(raw["cls"]) if "cls" in raw else -1, "position": (part, number)}
+            return sample
+        except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+            self.skipped += 1
+            log.warning("skipped undecodable sample %s (%s: %s); %d skipped so far",
+                        raw.get("__key__"), type(err).__name__, err, self.skipped)
+            return None
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        streams = []
+        for index, source in enumerate(self.sources):
+            mine = source.shards[part::parts]
+            if not mine:
+                raise ValueError(f"source {index} has {len(source.shards)} shards, fewer than the "
+                                 f"{parts} ranks × workers reading it")
+            streams.append(self._raw_samples(index, mine))
+        ratios = [s.ratio for s in self.sources]
+        chooser = random.Random(_seed(self.seed, "mix", part))
+        resume_at = self.resume_positions.get(part, 0)
+        number = 0
+        while True:
+            source = chooser.choices(range(len(streams)), weights=ratios)[0] if len(streams) > 1 else 0
+            raw = next(streams[source])
+            number += 1
+            if number <= resume_at:
+                continue
+            sample = self._decode(raw, part, number)
+            if sample is not None:
+                yield sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """A batch, with the furthest raw position it reached per part (what a checkpoint records)."""
+    positions: dict[int, int] = {}
+    for s in samples:
+        part, number = s["position"]
+        positions[part] = max(positions.get(part, 0), number)
+    return {"images": torch.stack([s["image"] for s in samples]), "captions": [s["caption"] for s in samples],
+            "cls": torch.tensor([s["cls"] for s in samples]), "positions": positions}
+
+
+if __name__ == "__main__":
+    sys.exit(make_shards_main())
