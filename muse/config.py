@@ -62,9 +62,13 @@ class DecoderConfig:
 
 @dataclass
 class TextConfig:
-    """Frozen CLIP text encoder (``CLIPTextModelWithProjection``); ``embed_dim`` is its projection width."""
+    """Frozen CLIP text encoder (``CLIPTextModelWithProjection``); ``embed_dim`` is its projection width.
+    ``tokenizer``: a local CLIP tokenizer folder; without one, a hashing word tokenizer (for random
+    text encoders: tiny configs and tests)."""
 
     pretrained: str | None = None
+    tokenizer: str | None = None
+    max_length: int = 77
     embed_dim: int = 768
     hidden_size: int = 768
     num_layers: int = 12
@@ -103,8 +107,80 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """WebDataset sources: one shard pattern per source, mixed by ``ratios`` (equal by default)."""
+
+    shards: list[str] = field(default_factory=list)
+    ratios: list[float] | None = None
+    batch_size: int = 32
+    num_workers: int = 4
+
+    def __post_init__(self):
+        if self.ratios is not None and len(self.ratios) != len(self.shards):
+            raise ValueError(f"data.ratios has {len(self.ratios)} entries for {len(self.shards)} data.shards")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    backbone_lr_scale: float = 1.0
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class LossConfig:
+    """Weights of the generator-side terms; a 0 weight skips the term."""
+
+    reconstruction_kind: str = "l2"
+    reconstruction: float = 1.0
+    perceptual: float = 1.1
+    topology: float = 2.0
+    itc: float = 0.0
+    gan: float = 0.0
+    lecam: float = 0.0
+    disc_start: int = 0
+    # Perceptual backbones ("torchvision:vgg16", "timm:convnext_small") with local weight files.
+    lpips_backbone: str | None = None
+    lpips_weights: str | None = None
+    lpips_layers: list[str] = field(default_factory=list)
+    convnext_backbone: str | None = None
+    convnext_weights: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    steps: int = 50000
+    out_dir: str = "runs/muse"
+    # The previous stage's checkpoint: its EMA weights initialise this stage.
+    init_weight: str | None = None
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    ema_decay: float = 0.9999
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    max_bad_steps: int = 10
+
+    def __post_init__(self):
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"train.stage must be 1, 2 or 3, got {self.stage}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 _ENV = re.compile(r"\$\{(\w+)\}")
@@ -185,14 +261,36 @@ def shipped_configs() -> list[str]:
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """A shipped config name (``"tiny"``, ``"muse_1b"``) or a YAML path, plus ``key.sub=value`` overrides."""
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _resolve(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no config {name_or_path!r}; shipped configs: {', '.join(shipped_configs())}")
+    return path
+
+
+def _read(name_or_path: str, seen: tuple = ()) -> dict:
+    """A YAML file; an ``inherit: <name or path>`` key merges it over that config."""
+    path = _resolve(name_or_path)
+    if path in seen:
+        raise ValueError(f"config inheritance loops through {path}")
     data = yaml.safe_load(path.read_text()) or {}
+    parent = data.pop("inherit", None)
+    return _merge(_read(parent, (*seen, path)), data) if parent else data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A shipped config name (``"tiny"``, ``"tiny/stage1"``, ``"muse_1b/stage1"``) or a YAML path, plus
+    ``key.sub=value`` overrides."""
+    data = _read(name_or_path)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")

@@ -211,8 +211,9 @@ class MuseLoss(nn.Module):
         if (weights.gan or weights.lecam) and discriminator is None:
             raise ValueError("weights.gan or weights.lecam > 0 needs a discriminator")
 
-    def forward(self, output, images: torch.Tensor, text_embeds: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, output, images: torch.Tensor, text_embeds: torch.Tensor | None = None,
+                adversarial: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``adversarial=False`` leaves the GAN term out (before the discriminator starts)."""
         w = self.weights
         terms: dict[str, torch.Tensor] = {"reconstruction": reconstruction_loss(output.reconstruction, images,
                                                                                   self.reconstruction_kind)}
@@ -227,7 +228,7 @@ class MuseLoss(nn.Module):
                 raise ValueError("weights.itc > 0 needs text_embeds")
             terms["itc"] = output.loss_itc if output.loss_itc is not None else itc_loss(
                 output.image_embeds, text_embeds, output.logit_scale)
-        if w.gan:
+        if w.gan and adversarial:
             terms["gan"] = hinge_g_loss(self.discriminator(output.reconstruction))
         total = sum(getattr(w, name) * value for name, value in terms.items())
         # Detached tensors, not floats: the caller decides when to synchronize for logging.

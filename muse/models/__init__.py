@@ -6,6 +6,6 @@ __all__ = ["BlockOutput", "SwiGLU", "SynergisticBlock"]
 from muse.models.tokenizer import GradientScaler, MuseOutput, MuseTokenizer, itc_loss, space_to_depth
 
 __all__ += ["GradientScaler", "MuseOutput", "MuseTokenizer", "itc_loss", "space_to_depth"]
-from muse.models.text import ClipTextEncoder
+from muse.models.text import ClipTextEncoder, HashTokenizer, build_tokenizer
 
-__all__ += ["ClipTextEncoder"]
+__all__ += ["ClipTextEncoder", "HashTokenizer", "build_tokenizer"]

@@ -21,9 +21,13 @@ class ClipTextEncoder(nn.Module):
         if cfg.pretrained:
             self.model = CLIPTextModelWithProjection.from_pretrained(cfg.pretrained)
         else:
+            # Special ids follow HashTokenizer (0 padding, 1 end of text): the pooled embedding is
+            # read at the end-of-text token.
             config = CLIPTextConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                     num_attention_heads=cfg.num_heads, intermediate_size=4 * cfg.hidden_size,
-                                    projection_dim=cfg.embed_dim, vocab_size=cfg.vocab_size)
+                                    projection_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
+                                    max_position_embeddings=cfg.max_length, pad_token_id=0, bos_token_id=0,
+                                    eos_token_id=1)
             self.model = CLIPTextModelWithProjection(config)
         self.embed_dim = self.model.config.projection_dim
         if self.embed_dim != cfg.embed_dim:
@@ -39,3 +43,37 @@ class ClipTextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
         return F.normalize(embeds.float(), dim=-1)
+
+
+class HashTokenizer:
+    """Lower-cased words hashed into the vocabulary: a stand-in for CLIP's BPE tokenizer when the text
+    encoder is randomly initialised (tiny configs, tests), where no vocabulary exists to load."""
+
+    def __init__(self, vocab_size: int, max_length: int = 77):
+        self.vocab_size, self.max_length = vocab_size, max_length
+
+    def _id(self, word: str) -> int:
+        import zlib
+
+        return 2 + zlib.crc32(word.encode()) % (self.vocab_size - 2)  # 0: padding, 1: end of text
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate(texts):
+            tokens = [self._id(w) for w in text.lower().split()][: self.max_length - 1] + [1]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def build_tokenizer(cfg: TextConfig):
+    """CLIP's tokenizer from a local folder, or the hashing stand-in; both map a list of captions to
+    ``{"input_ids", "attention_mask"}`` tensors."""
+    if cfg.tokenizer:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer)
+        return lambda texts: dict(tokenizer(texts, padding="max_length", truncation=True,
+                                            max_length=cfg.max_length, return_tensors="pt"))
+    return HashTokenizer(cfg.vocab_size, cfg.max_length)

@@ -11,11 +11,13 @@ class EMA:
     of ``model``, in fp32. ``state_dict`` has the model's keys, so an EMA checkpoint loads into the
     model directly (the next stage's ``init_weight``)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, skip_prefixes: tuple[str, ...] = ()):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        # Frozen sub-models (a teacher) need no average: skip_prefixes leaves them out.
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()
+                       if v.is_floating_point() and not k.startswith(skip_prefixes)}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -21,13 +21,25 @@ def trainable_prefixes(stage: int) -> tuple[str, ...]:
     return _TRAINABLE[stage]
 
 
+TOPOLOGY_PARAMS = ("q_topo", "k_topo", "q_norm", "k_norm")
+
+
 def configure_stage(model: nn.Module, stage: int) -> list[str]:
-    """Sets requires_grad for the stage and returns the names of the trainable parameters."""
+    """Sets requires_grad for the stage and returns the names of the trainable parameters.
+
+    The topology weights of blocks without topology supervision are frozen too: the gradient shield
+    keeps every loss away from them, so they could only drift under weight decay, and DDP would find
+    them unused."""
     prefixes = trainable_prefixes(stage)
+    supervised = getattr(model, "supervised", None)
     trainable = []
     for name, param in model.named_parameters():
-        top = name.split(".", 1)[0]
-        param.requires_grad_(top in prefixes)
-        if param.requires_grad:
+        parts = name.split(".")
+        train = parts[0] in prefixes
+        if train and parts[0] == "muse_blocks" and supervised is not None:
+            if int(parts[1]) not in supervised and parts[2] in TOPOLOGY_PARAMS:
+                train = False
+        param.requires_grad_(train)
+        if train:
             trainable.append(name)
     return trainable

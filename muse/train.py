@@ -1,0 +1,274 @@
+"""Train the MUSE tokenizer, one stage at a time.
+
+    muse-train --config tiny/stage1 train.steps=100 data.batch_size=8
+    torchrun --nproc_per_node=8 -m muse.train --config muse_1b/stage1
+    muse-train --config muse_1b/stage1 --resume          # continue from out_dir's last checkpoint
+
+One readable loop: data → forward under autocast → weighted losses → (skip the step on a non-finite
+loss) → clipped AdamW step → EMA → discriminator step (stage 3) → logs and atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from muse.config import Config, load_config
+from muse.data import ShardStream, Source, collate, expand_shards
+from muse.losses import FeatureDistance, LossWeights, MuseLoss, PatchGANDiscriminator, build_backbone
+from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
+from muse.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from muse.training.ema import EMA
+from muse.training.optim import build_optimizer, lr_at, set_lr
+from muse.training.stages import configure_stage
+
+log = logging.getLogger("muse.train")
+FROZEN_PREFIXES = ("teacher.",)
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
+
+
+def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, int]):
+    sources = []
+    for index, pattern in enumerate(cfg.data.shards):
+        if not pattern:
+            raise ValueError(f"data.shards[{index}] is empty (an unset environment variable?)")
+        ratio = cfg.data.ratios[index] if cfg.data.ratios else 1.0
+        sources.append(Source(expand_shards(pattern), ratio))
+    if not sources:
+        raise ValueError("data.shards is empty: give at least one shard pattern")
+    stream = ShardStream(sources, cfg.model.image_size, seed=cfg.train.seed, rank=rank, world_size=world,
+                         resume_positions=positions)
+    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                         collate_fn=collate, pin_memory=torch.cuda.is_available())
+    return stream, loader
+
+
+def build_perceptual(cfg: Config, device: torch.device) -> list[FeatureDistance]:
+    terms = []
+    if cfg.loss.lpips_backbone:
+        terms.append(FeatureDistance(build_backbone(cfg.loss.lpips_backbone, cfg.loss.lpips_weights,
+                                                    cfg.loss.lpips_layers), mode="lpips"))
+    if cfg.loss.convnext_backbone:
+        terms.append(FeatureDistance(build_backbone(cfg.loss.convnext_backbone, cfg.loss.convnext_weights),
+                                     mode="l1"))
+    if cfg.loss.perceptual and not terms:
+        raise ValueError("loss.perceptual > 0 needs loss.lpips_backbone and/or loss.convnext_backbone")
+    return [t.to(device) for t in terms]
+
+
+def _load_without_frozen(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Checkpoints leave the frozen teacher out; everything else must match exactly."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def init_from_previous_stage(model: MuseTokenizer, path: str) -> None:
+    """Load the EMA weights of the previous stage's last checkpoint (a file or a run folder)."""
+    file = latest_checkpoint(path) if Path(path).is_dir() else Path(path)
+    if file is None or not file.exists():
+        raise FileNotFoundError(f"train.init_weight: no checkpoint at {path}")
+    _load_without_frozen(model, load_checkpoint(file)["ema"], f"train.init_weight {file}")
+    log.info("initialised from the EMA weights of %s", file)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    rank, world, device = setup_distributed()
+    main_process = rank == 0
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed + rank)
+
+    model = MuseTokenizer(cfg.model).to(device)
+    if tc.init_weight:
+        init_from_previous_stage(model, tc.init_weight)
+    trainable = configure_stage(model, tc.stage)
+    weights = LossWeights(cfg.loss.reconstruction, cfg.loss.perceptual, cfg.loss.topology, cfg.loss.itc,
+                          cfg.loss.gan, cfg.loss.lecam)
+    discriminator = PatchGANDiscriminator().to(device) if (weights.gan or weights.lecam) else None
+    loss_fn = MuseLoss(weights, build_perceptual(cfg, device), discriminator, cfg.loss.reconstruction_kind).to(device)
+    text_encoder = ClipTextEncoder(cfg.model.text).to(device) if weights.itc else None
+    tokenize = build_tokenizer(cfg.model.text) if weights.itc else None
+    oc = cfg.optim
+    optimizer = build_optimizer(model, oc.lr, oc.weight_decay, oc.betas, oc.backbone_lr_scale)
+    disc_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=oc.disc_lr, betas=tuple(oc.betas))
+                      if discriminator is not None else None)
+    ema = EMA(model, tc.ema_decay, skip_prefixes=FROZEN_PREFIXES)
+    autocast, use_scaler = autocast_for(tc.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    start, positions, bad_in_row, bad_total = 0, {}, 0, 0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, map_location=device)
+        _load_without_frozen(model, state["model"], f"--resume {checkpoint}")
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        if discriminator is not None:
+            discriminator.load_state_dict(state["discriminator"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+            loss_fn.lecam.load_state_dict(state["lecam"])
+        start, positions, bad_total = state["step"], state["positions"], state.get("bad_steps", 0)
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", checkpoint, start)
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting from scratch", out_dir)
+
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    stream, loader = build_loader(cfg, rank, world, positions)
+    batches = iter(loader)
+
+    def save(step: int) -> Path | None:
+        if not main_process:
+            return None
+        state = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "positions": positions, "rng": rng_state(),
+                 "bad_steps": bad_total, "stage": tc.stage}
+        if discriminator is not None:
+            state |= {"discriminator": discriminator.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
+                      "lecam": loss_fn.lecam.state_dict()}
+        return save_checkpoint(state, out_dir, step, tc.keep_last)
+
+    from tqdm import tqdm
+
+    log_file = open(out_dir / "log.jsonl", "a") if main_process else None
+    history, images_seen, clock = [], 0, time.perf_counter()
+    progress = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not main_process or None,
+                    desc=f"stage {tc.stage}", unit="step")
+    try:
+        for step in progress:
+            batch = next(batches)
+            images = batch["images"].to(device, non_blocking=True)
+            text_embeds = None
+            if text_encoder is not None:
+                tokens = {k: v.to(device) for k, v in tokenize(batch["captions"]).items()}
+                text_embeds = text_encoder(**tokens)
+            lr = lr_at(step, oc.lr, oc.end_lr, oc.warmup_steps, tc.steps)
+            set_lr(optimizer, lr)
+            adversarial = discriminator is not None and step >= cfg.loss.disc_start
+            with autocast:
+                out = ddp_model(images, text_embeds=text_embeds)
+                loss, terms = loss_fn(out, images, text_embeds, adversarial=adversarial)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step,
+                            {k: float(v) for k, v in terms.items()}, bad_in_row)
+                if bad_in_row > tc.max_bad_steps:
+                    raise TooManyBadSteps(
+                        f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={tc.max_bad_steps}); "
+                        f"stopping. The last good checkpoint in {out_dir} is intact: resume from it with a lower "
+                        "learning rate or fix the data.")
+                continue
+            bad_in_row = 0
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       oc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model)
+            if adversarial:
+                with autocast:
+                    d_loss, d_terms = loss_fn.discriminator_loss(out.reconstruction, images)
+                d_loss.backward()
+                disc_optimizer.step()
+                disc_optimizer.zero_grad(set_to_none=True)
+                terms |= d_terms
+            for part, number in batch["positions"].items():
+                positions[part] = max(positions.get(part, 0), number)
+            images_seen += images.shape[0] * world
+
+            done = step + 1
+            if main_process and (done % tc.log_every == 0 or done == tc.steps or step == start):
+                elapsed = time.perf_counter() - clock
+                record = {"step": done, "lr": lr, "img_per_s": images_seen / max(elapsed, 1e-9),
+                          "grad_norm": float(grad_norm), "bad_steps": bad_total, "skipped_samples": stream.skipped,
+                          **{k: float(v) for k, v in terms.items()}}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                history.append(record)
+                progress.set_postfix(loss=f"{record['total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                save(done)
+    finally:
+        if log_file is not None:
+            log_file.close()
+        progress.close()
+    return {"stage": tc.stage, "out_dir": str(out_dir), "history": history,
+            "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
+            "skipped_samples": stream.skipped, "trainable_parameters": len(trainable)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a shipped config name (tiny/stage1) or a YAML path")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("config error: %s", err)
+        return 2
+    summary = train(cfg, resume=args.resume)
+    if summary["history"]:
+        first, last = summary["history"][0], summary["history"][-1]
+        log.info("stage %d: loss %.4f → %.4f over %d steps, %.1f img/s; checkpoint %s; log %s/log.jsonl",
+                 summary["stage"], first["total"], last["total"], last["step"], last["img_per_s"],
+                 summary["checkpoint"], summary["out_dir"])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The training loop on tiny shards: every stage, exact resume, non-finite losses, config errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import muse.train as train_module
+from muse.config import load_config
+from muse.data import write_shards
+from muse.train import TooManyBadSteps, main, train
+from muse.training.checkpoint import latest_checkpoint, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    samples = ({"image": rng.integers(0, 255, (48, 40 + 3 * i, 3), dtype=np.uint8), "caption": f"a photo number {i}"}
+               for i in range(6))
+    write_shards(samples, out, samples_per_shard=3)
+    return str(out / "shard-*.tar")
+
+
+def _cfg(stage, shards, out_dir, steps=3, extra=()):
+    return load_config(f"tiny/stage{stage}", [f"data.shards=['{shards}']", f"train.out_dir={out_dir}",
+                                               f"train.steps={steps}", "train.ckpt_every=3", "train.log_every=1",
+                                               "data.batch_size=2", *extra])
+
+
+def test_three_stages_train_the_right_parameters(shards, tmp_path, monkeypatch):
+    trained = {}
+    original_configure = train_module.configure_stage
+
+    def spy(model, stage):
+        names = original_configure(model, stage)
+        trained[stage] = (model, {n: p.detach().clone() for n, p in model.named_parameters()}, set(names))
+        return names
+
+    monkeypatch.setattr(train_module, "configure_stage", spy)
+    previous = None
+    for stage in (1, 2, 3):
+        extra = [f"train.init_weight={previous}"] if previous else ["train.init_weight=null"]
+        summary = train(_cfg(stage, shards, tmp_path / f"s{stage}", extra=extra))
+        assert all(np.isfinite(r["total"]) for r in summary["history"])
+        model, before, names = trained[stage]
+        changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+        assert changed and changed <= names, sorted(changed - names)[:5]
+        assert not any(n.startswith("teacher.") for n in changed)
+        assert any(n.startswith("encoder.") for n in changed) == (stage == 3)
+        assert any(n.startswith("itc_proj.") for n in changed) == (stage >= 2)
+        previous = summary["out_dir"]
+    state = load_checkpoint(latest_checkpoint(previous))
+    assert state["stage"] == 3 and "discriminator" in state and not any(k.startswith("teacher.") for k in state["model"])
+
+
+def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkeypatch):
+    train(_cfg(1, shards, tmp_path / "full", steps=6))
+    original_lr = train_module.lr_at
+
+    def crash_at_step_4(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original_lr(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(1, shards, tmp_path / "split", steps=6))
+    monkeypatch.setattr(train_module, "lr_at", original_lr)
+    assert latest_checkpoint(tmp_path / "split").name == "step_00000003.pt"
+    train(_cfg(1, shards, tmp_path / "split", steps=6), resume=True)
+    full, split = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("full", "split"))
+    assert full["step"] == split["step"] == 6
+    for section in ("model", "ema"):
+        for key, value in full[section].items():
+            assert torch.equal(value, split[section][key]), f"{section}.{key}"
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+    original = train_module.MuseLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        total, terms = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan"), terms) if calls["n"] in (2,) or calls["n"] >= 5 else (total, terms)
+
+    monkeypatch.setattr(train_module.MuseLoss, "forward", sometimes_nan)
+    with pytest.raises(TooManyBadSteps, match="non-finite losses in a row"):
+        train(_cfg(1, shards, tmp_path / "nan", steps=20, extra=["train.max_bad_steps=2"]))
+    state = load_checkpoint(latest_checkpoint(tmp_path / "nan"))
+    assert state["step"] == 3 and state["bad_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "tiny/stage1", "train.stpes=3"], "unknown config key(s) train.stpes"),
+    (["--config", "tiny/stage1", "train.steps=many"], "train.steps must be int"),
+    (["--config", "nope/stage9"], "no config 'nope/stage9'"),
+])
+def test_config_errors_are_clear(args, message, caplog):
+    assert main(args) == 2
+    assert message in caplog.text
+
+
+def test_missing_shards_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        train(_cfg(1, str(tmp_path / "none-*.tar"), tmp_path / "run"))
