@@ -10,7 +10,7 @@ ifeq ($(HAS_GPU),0)
   TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: venv test test-gpu demo clean
+.PHONY: venv test test-gpu demo kernel-demo clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,13 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
+# The main job on an embedded default: shards from real photos, the tiny tokenizer through all stages.
 demo: $(STAMP)
+	$(PY) -m muse.demo
+
+# The fused kernels against an fp64 reference (Triton interpreter without a GPU).
+kernel-demo: $(STAMP)
 	$(TEST_ENV) $(PY) -m muse_kernels.demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo_out
