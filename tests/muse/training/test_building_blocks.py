@@ -53,11 +53,11 @@ def test_param_groups_no_decay_on_norms_biases_and_logit_scale(tiny_model):
     assert by_name["logit_scale"]["weight_decay"] == 0.0
     assert by_name["muse_blocks.0.norm1.weight"]["weight_decay"] == 0.0
     assert by_name["to_latent.bias"]["weight_decay"] == 0.0
-    assert by_name["muse_blocks.0.q_topo.weight"]["weight_decay"] == 0.05
+    assert by_name["muse_blocks.1.q_topo.weight"]["weight_decay"] == 0.05
     encoder_weight = next(n for n in by_name if n.startswith("encoder.") and n.endswith("weight")
                           and by_name[n]["weight_decay"] > 0)
     assert by_name[encoder_weight]["lr"] == pytest.approx(5e-4)
-    assert by_name["muse_blocks.0.q_topo.weight"]["lr"] == pytest.approx(1e-3)
+    assert by_name["muse_blocks.1.q_topo.weight"]["lr"] == pytest.approx(1e-3)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05, backbone_lr_scale=0.5)
     set_lr(optimizer, 2e-3)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == [pytest.approx(1e-3), pytest.approx(2e-3)]
@@ -143,3 +143,14 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
     for step in range(1, 6):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004.pt", "step_00000005.pt"]
+
+
+def test_unsupervised_blocks_topology_weights_are_frozen(tiny_model):
+    """The shield keeps every loss off them: training them would only apply weight decay."""
+    model = copy.deepcopy(tiny_model)
+    trainable = set(configure_stage(model, 1))
+    assert model.supervised == {1}
+    for name in ("q_topo", "k_topo", "q_norm", "k_norm"):
+        assert f"muse_blocks.0.{name}.weight" not in trainable
+        assert f"muse_blocks.1.{name}.weight" in trainable
+    assert "muse_blocks.0.v_sem.weight" in trainable
