@@ -88,6 +88,10 @@ def make_shards_main(argv=None) -> int:
 
 # -------------------------------------------------------------------------------------------- reading
 
+def _whole(urls):
+    return urls
+
+
 def _seed(*parts) -> int:
     """A stable 63-bit seed from its parts (Python's hash() of strings changes between processes)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -153,7 +157,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = list(shards)
             random.Random(_seed(self.seed, source_index, epoch)).shuffle(order)
             for shard in order:
-                yield from wds.WebDataset(shard, shardshuffle=False, empty_check=False)
+                # The shards are already split across ranks and workers (in __iter__): webdataset's own
+                # splitters would split this one-shard list again and leave the other workers empty.
+                yield from wds.WebDataset(shard, shardshuffle=False, empty_check=False,
+                                          nodesplitter=_whole, workersplitter=_whole)
             epoch += 1
 
     def _decode(self, raw: dict, part: int, number: int) -> dict | None:

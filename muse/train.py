@@ -218,7 +218,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if adversarial:
                 with autocast:
                     d_loss, d_terms = loss_fn.discriminator_loss(out.reconstruction, images)
+                # The generator's GAN term left gradients on the discriminator: its update uses only its own loss.
+                disc_optimizer.zero_grad(set_to_none=True)
                 d_loss.backward()
+                if world > 1:
+                    # The discriminator runs three forwards a step (not DDP's one): average its gradients here.
+                    for param in discriminator.parameters():
+                        dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
                 terms |= d_terms
@@ -242,7 +248,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if log_file is not None:
             log_file.close()
         progress.close()
-    return {"stage": tc.stage, "out_dir": str(out_dir), "history": history,
+    return {"stage": tc.stage, "out_dir": str(out_dir), "history": history, "model": model,
             "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
             "skipped_samples": stream.skipped, "trainable_parameters": len(trainable)}
 

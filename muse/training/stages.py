@@ -27,17 +27,22 @@ TOPOLOGY_PARAMS = ("q_topo", "k_topo", "q_norm", "k_norm")
 def configure_stage(model: nn.Module, stage: int) -> list[str]:
     """Sets requires_grad for the stage and returns the names of the trainable parameters.
 
-    The topology weights of blocks without topology supervision are frozen too: the gradient shield
-    keeps every loss away from them, so they could only drift under weight decay, and DDP would find
-    them unused."""
+    Weights no loss can reach are frozen too: the topology weights of unsupervised blocks (the
+    gradient shield keeps every loss away from them) and the semantic export of every block but the
+    last. Trained, they would only drift under weight decay, and DDP would find them unused."""
     prefixes = trainable_prefixes(stage)
     supervised = getattr(model, "supervised", None)
+    last_block = len(getattr(model, "muse_blocks", ())) - 1
     trainable = []
     for name, param in model.named_parameters():
         parts = name.split(".")
         train = parts[0] in prefixes
-        if train and parts[0] == "muse_blocks" and supervised is not None:
-            if int(parts[1]) not in supervised and parts[2] in TOPOLOGY_PARAMS:
+        if train and parts[0] == "muse_blocks":
+            block, group = int(parts[1]), parts[2]
+            if supervised is not None and block not in supervised and group in TOPOLOGY_PARAMS:
+                train = False
+            # Only the last block's semantic export feeds the ITC head, which trains from stage 2 on.
+            if group == "v_itc" and (block != last_block or stage == 1):
                 train = False
         param.requires_grad_(train)
         if train:

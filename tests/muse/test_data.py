@@ -92,3 +92,13 @@ def test_make_shards_cli(tmp_path):
     assert len(shards) == 2
     captions = {s["caption"] for s in _take(ShardStream([Source(shards)], 16, seed=0), 3)}
     assert captions == {"red-ish", "darker", ""}
+
+
+def test_data_loader_workers_each_read_their_own_shards(tmp_path):
+    shards = write_shards(_samples(8), tmp_path, samples_per_shard=2)
+    stream = ShardStream([Source(shards)], 16, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate)
+    batches = list(itertools.islice(iter(loader), 8))
+    captions = {c for b in batches for c in b["captions"]}
+    assert captions == {f"photo {i}" for i in range(8)}
+    assert {part for b in batches for part in b["positions"]} == {0, 1}

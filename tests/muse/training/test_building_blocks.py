@@ -154,3 +154,17 @@ def test_unsupervised_blocks_topology_weights_are_frozen(tiny_model):
         assert f"muse_blocks.0.{name}.weight" not in trainable
         assert f"muse_blocks.1.{name}.weight" in trainable
     assert "muse_blocks.0.v_sem.weight" in trainable
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_every_trainable_parameter_receives_a_gradient(tiny_model, stage):
+    """What DDP needs without find_unused_parameters: no trainable parameter is left out of the graph."""
+    model = copy.deepcopy(tiny_model)
+    trainable = set(configure_stage(model, stage))
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1, text_embeds=torch.randn(2, 16))
+    loss = out.reconstruction.mean() + out.loss_topo + (out.loss_itc if stage >= 2 else 0)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if n in trainable and p.grad is None]
+    assert not missing, missing
+    assert ("muse_blocks.1.v_itc.weight" in trainable) == (stage >= 2)
+    assert "muse_blocks.0.v_itc.weight" not in trainable
