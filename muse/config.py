@@ -166,6 +166,11 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     max_bad_steps: int = 10
+    # Reconstruction and student-vs-teacher attention PNGs, and the gradient-orthogonality cosines,
+    # every so many steps (0: never). TensorBoard scalars beside log.jsonl when tensorboard is installed.
+    image_every: int = 1000
+    ortho_every: int = 1000
+    tensorboard: bool = True
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):

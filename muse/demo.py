@@ -54,7 +54,7 @@ def demo_images():
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--steps", type=int, default=20, help="steps per stage")
+    parser.add_argument("--steps", type=int, default=60, help="steps per stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("muse.train").setLevel(logging.WARNING)
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     for stage in (1, 2, 3):
         overrides = [f"data.shards=['{pattern}']", f"train.out_dir={out / f'stage{stage}'}",
                      f"train.steps={args.steps}", f"train.ckpt_every={args.steps}",
+                     f"train.image_every={args.steps}", f"train.ortho_every={args.steps}",
                      f"train.init_weight={previous if previous else 'null'}"]
         summary = train(load_config(f"tiny/stage{stage}", overrides))
         first, last = summary["history"][0], summary["history"][-1]
@@ -84,7 +85,12 @@ def main(argv=None) -> int:
         log.info("%-6d %-13s %-13s %-13s %-8.1f %s", stage, f"{first['total']:.3f}→{last['total']:.3f}",
                  f"{first['reconstruction']:.3f}→{last['reconstruction']:.3f}",
                  f"{first['topology']:.3f}→{last['topology']:.3f}", last["img_per_s"], checkpoint)
-    log.info("logs: %s/stage*/log.jsonl", out)
+    log.info("logs: %s/stage*/log.jsonl (TensorBoard: %s/stage*/tensorboard); pictures: %s/stage*/images/",
+             out, out, out)
+    cosines = {k: v for k, v in rows[-1][2].items() if k.startswith("cos/")}
+    if cosines:
+        log.info("stage 3 gradient cosines on the blocks: %s",
+                 ", ".join(f"{k.removeprefix('cos/')} {v:+.3f}" for k, v in sorted(cosines.items())))
     return 0
 
 

@@ -25,9 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import Config, load_config
 from muse.data import ShardStream, Source, collate, expand_shards
-from muse.losses import FeatureDistance, LossWeights, MuseLoss, PatchGANDiscriminator, build_backbone
+from muse.losses import (FeatureDistance, LossWeights, MuseLoss, PatchGANDiscriminator, build_backbone,
+                         reconstruction_loss)
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
 from muse.training.optim import build_optimizer, lr_at, set_lr
 from muse.training.stages import configure_stage
@@ -107,6 +109,41 @@ def init_from_previous_stage(model: MuseTokenizer, path: str) -> None:
     log.info("initialised from the EMA weights of %s", file)
 
 
+def open_tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: scalars go to log.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def orthogonality(model: MuseTokenizer, loss_fn: MuseLoss, images, text_embeds, autocast) -> dict[str, float]:
+    """Cosines between the reconstruction, topology and (with text) ITC gradients on the blocks."""
+    with autocast:
+        out = model(images, text_embeds=text_embeds)
+    losses = {"rec": reconstruction_loss(out.reconstruction, images, loss_fn.reconstruction_kind)}
+    if out.loss_topo is not None:
+        losses["topo"] = out.loss_topo
+    if out.loss_itc is not None:
+        losses["itc"] = out.loss_itc
+    return gradient_cosines(model, losses)
+
+
+@torch.no_grad()
+def save_pictures(model: MuseTokenizer, images, text_embeds, directory: Path, step: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    out = model(images[:4], return_maps=True)
+    model.train(was_training)
+    save_reconstruction_grid(images[:4], out.reconstruction, directory / f"step_{step:08d}_reconstruction.png")
+    student = out.maps[-1] if out.maps[-1].dim() == 3 else out.maps[-1].mean(1)
+    side = int(round(student.shape[-1] ** 0.5))
+    save_attention_grid(images[:4], out.teacher_maps, student, (side, side),
+                        directory / f"step_{step:08d}_attention.png")
+
+
 def _trainable_state(model: torch.nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
@@ -175,6 +212,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     from tqdm import tqdm
 
     log_file = open(out_dir / "log.jsonl", "a") if main_process else None
+    writer = open_tensorboard(out_dir) if main_process and tc.tensorboard else None
     history, images_seen, clock = [], 0, time.perf_counter()
     progress = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not main_process or None,
                     desc=f"stage {tc.stage}", unit="step")
@@ -238,15 +276,26 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 record = {"step": done, "lr": lr, "img_per_s": images_seen / max(elapsed, 1e-9),
                           "grad_norm": float(grad_norm), "bad_steps": bad_total, "skipped_samples": stream.skipped,
                           **{k: float(v) for k, v in terms.items()}}
+                if tc.ortho_every and (done % tc.ortho_every == 0 or done == tc.steps):
+                    record |= {f"cos/{k}": v for k, v in
+                               orthogonality(model, loss_fn, images, text_embeds, autocast).items()}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, done)
                 history.append(record)
                 progress.set_postfix(loss=f"{record['total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+            if main_process and tc.image_every and (done % tc.image_every == 0 or done == tc.steps):
+                save_pictures(model, images, text_embeds, out_dir / "images", done)
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 save(done)
     finally:
         if log_file is not None:
             log_file.close()
+        if writer is not None:
+            writer.close()
         progress.close()
     return {"stage": tc.stage, "out_dir": str(out_dir), "history": history, "model": model,
             "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
