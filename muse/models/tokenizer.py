@@ -95,7 +95,8 @@ def build_teacher(cfg: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def build_decoder(cfg: ModelConfig) -> nn.Module:
+def build_autoencoder(cfg: ModelConfig) -> nn.Module:
+    """The whole DC-AE (``AutoencoderDC``), pretrained from a local folder or random from the sizes."""
     from diffusers import AutoencoderDC
 
     d = cfg.decoder
@@ -113,8 +114,12 @@ def build_decoder(cfg: ModelConfig) -> nn.Module:
             decoder_qkv_multiscales=tuple(tuple(m) for m in d.qkv_multiscales),
             decoder_norm_types=("rms_norm",) * depth, decoder_act_fns=("silu",) * depth,
         )
+    return autoencoder
+
+
+def build_decoder(cfg: ModelConfig) -> nn.Module:
     # The tokenizer's own encoder replaces DC-AE's: only the decoder is kept.
-    return autoencoder.decoder
+    return build_autoencoder(cfg).decoder
 
 
 @dataclass

@@ -136,15 +136,24 @@ def test_teacher_maps_match_a_direct_computation(model, images):
 
 
 def test_pretrained_components_load_from_local_folders(base_model, tmp_path, images):
+    from muse.models.tokenizer import build_autoencoder
+
     base_model.encoder.save_pretrained(tmp_path / "encoder")
     base_model.teacher.save_pretrained(tmp_path / "teacher")
+    # A whole DC-AE is saved, as published checkpoints are; the tokenizer keeps its decoder.
+    torch.manual_seed(7)
+    autoencoder = build_autoencoder(load_config("tiny").model)
+    autoencoder.save_pretrained(tmp_path / "dcae")
     cfg = load_config("tiny", [f"model.encoder.pretrained={tmp_path / 'encoder'}",
-                               f"model.teacher.pretrained={tmp_path / 'teacher'}"]).model
+                               f"model.teacher.pretrained={tmp_path / 'teacher'}",
+                               f"model.decoder.pretrained={tmp_path / 'dcae'}"]).model
     loaded = MuseTokenizer(cfg)
     for name, tensor in base_model.encoder.state_dict().items():
         assert torch.equal(loaded.encoder.state_dict()[name], tensor), name
     for name, tensor in base_model.teacher.state_dict().items():
         assert torch.equal(loaded.teacher.state_dict()[name], tensor), name
+    for name, tensor in autoencoder.decoder.state_dict().items():
+        assert torch.equal(loaded.decoder.state_dict()[name], tensor), name
     # The rest of the model: a full state dict loads strictly, with no key remapping.
     loaded.load_state_dict(base_model.state_dict(), strict=True)
     torch.testing.assert_close(loaded(images).reconstruction, base_model(images).reconstruction)
