@@ -133,16 +133,20 @@ class OptimConfig:
 
 
 @dataclass
-class LossConfig:
-    """Weights of the generator-side terms; a 0 weight skips the term."""
+class LossWeights:
+    """Weights of the generator-side terms (a 0 weight skips the term); official stage-1 values."""
 
-    reconstruction_kind: str = "l2"
     reconstruction: float = 1.0
     perceptual: float = 1.1
     topology: float = 2.0
     itc: float = 0.0
     gan: float = 0.0
     lecam: float = 0.0
+
+
+@dataclass
+class LossConfig(LossWeights):
+    reconstruction_kind: str = "l2"
     disc_start: int = 0
     # Perceptual backbones ("torchvision:vgg16", "timm:convnext_small") with local weight files.
     lpips_backbone: str | None = None

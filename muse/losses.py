@@ -4,12 +4,11 @@ ITC, and one module that weights them and reports every term.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse.config import LossWeights
 from muse.models.tokenizer import itc_loss
 
 
@@ -178,18 +177,6 @@ class LeCam(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- total
-
-@dataclass
-class LossWeights:
-    """Official stage-1 weights by default (SPEC §4)."""
-
-    reconstruction: float = 1.0
-    perceptual: float = 1.1
-    topology: float = 2.0
-    itc: float = 0.0
-    gan: float = 0.0
-    lecam: float = 0.0
-
 
 class MuseLoss(nn.Module):
     """Weighted generator-side total plus every term (detached tensors) for logging.

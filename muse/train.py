@@ -25,8 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import Config, load_config
 from muse.data import ShardStream, Source, collate, expand_shards
-from muse.losses import (FeatureDistance, LossWeights, MuseLoss, PatchGANDiscriminator, build_backbone,
-                         reconstruction_loss)
+from muse.losses import FeatureDistance, MuseLoss, PatchGANDiscriminator, build_backbone, reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
@@ -161,8 +160,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if tc.init_weight:
         init_from_previous_stage(model, tc.init_weight)
     trainable = configure_stage(model, tc.stage)
-    weights = LossWeights(cfg.loss.reconstruction, cfg.loss.perceptual, cfg.loss.topology, cfg.loss.itc,
-                          cfg.loss.gan, cfg.loss.lecam)
+    weights = cfg.loss
     discriminator = PatchGANDiscriminator().to(device) if (weights.gan or weights.lecam) else None
     loss_fn = MuseLoss(weights, build_perceptual(cfg, device), discriminator, cfg.loss.reconstruction_kind).to(device)
     text_encoder = ClipTextEncoder(cfg.model.text).to(device) if weights.itc else None

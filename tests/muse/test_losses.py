@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muse.losses import (FeatureDistance, LeCam, LossWeights, MuseLoss, PatchGANDiscriminator, build_backbone,
+from muse.config import LossWeights
+from muse.losses import (FeatureDistance, LeCam, MuseLoss, PatchGANDiscriminator, build_backbone,
                          hinge_d_loss, hinge_g_loss, reconstruction_loss)
 
 
