@@ -27,14 +27,14 @@ from muse.config import Config, load_config
 from muse.data import ShardStream, Source, collate, expand_shards
 from muse.losses import FeatureDistance, MuseLoss, PatchGANDiscriminator, build_backbone, reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
-from muse.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from muse.training.checkpoint import (FROZEN_PREFIXES, latest_checkpoint, load_checkpoint, load_model_weights,
+                                      rng_state, save_checkpoint, set_rng_state)
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
 from muse.training.optim import build_optimizer, lr_at, set_lr
 from muse.training.stages import configure_stage
 
 log = logging.getLogger("muse.train")
-FROZEN_PREFIXES = ("teacher.",)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -91,20 +91,12 @@ def build_perceptual(cfg: Config, device: torch.device) -> list[FeatureDistance]
     return [t.to(device) for t in terms]
 
 
-def _load_without_frozen(model: torch.nn.Module, state: dict, where: str) -> None:
-    """Checkpoints leave the frozen teacher out; everything else must match exactly."""
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-
-
 def init_from_previous_stage(model: MuseTokenizer, path: str) -> None:
     """Load the EMA weights of the previous stage's last checkpoint (a file or a run folder)."""
     file = latest_checkpoint(path) if Path(path).is_dir() else Path(path)
     if file is None or not file.exists():
         raise FileNotFoundError(f"train.init_weight: no checkpoint at {path}")
-    _load_without_frozen(model, load_checkpoint(file)["ema"], f"train.init_weight {file}")
+    load_model_weights(model, load_checkpoint(file)["ema"], f"train.init_weight {file}")
     log.info("initialised from the EMA weights of %s", file)
 
 
@@ -177,7 +169,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, map_location=device)
-        _load_without_frozen(model, state["model"], f"--resume {checkpoint}")
+        load_model_weights(model, state["model"], f"--resume {checkpoint}")
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])

@@ -37,7 +37,7 @@ class SynergisticAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qk_norm: bool = True, rope: bool = True,
-                 rope_base: float = 10000.0, backend: str = "auto"):
+                 rope_base: float = 10000.0, backend: str = "auto", shield: bool = True):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -48,6 +48,9 @@ class SynergisticAttention(nn.Module):
         self.rope = rope
         self.rope_base = rope_base
         self.backend = backend
+        # shield=False makes a "naive shared" attention (the output's gradient reaches Q and K too),
+        # the baseline MUSE is compared with.
+        self.shield = shield
         self.q_topo = nn.Linear(dim, dim, bias=False)
         self.k_topo = nn.Linear(dim, dim, bias=False)
         self.v_sem = nn.Linear(dim, dim, bias=False)
@@ -72,9 +75,11 @@ class SynergisticAttention(nn.Module):
             q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
         out, extra = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            return_attn=return_attn, backend=self.backend, teacher=teacher,
+                                           shield=self.shield,
                                            kl_reduction=kl_reduction)
         out = self.proj(out.transpose(1, 2).reshape(bsz, seq, dim))
         return out if extra is None else (out, extra)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, rope={self.rope}, backend={self.backend!r}"
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, rope={self.rope}, "
+                f"backend={self.backend!r}, shield={self.shield}")

@@ -78,3 +78,18 @@ def save_checkpoint(state: dict, directory: str | os.PathLike, step: int, keep_l
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+FROZEN_PREFIXES = ("teacher.",)
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, where: str) -> None:
+    """Load a checkpoint's weights; checkpoints leave the frozen teacher out, everything else must match."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{where} does not fit this model (a different config?): {err}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{where} does not fit this model: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}")

@@ -1,0 +1,1 @@
+"""Evaluation and analysis tools (``python -m muse.eval.<tool>``)."""

@@ -1,0 +1,32 @@
+"""Loading a trained tokenizer for evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from muse.config import Config, load_config
+from muse.models import MuseTokenizer
+from muse.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
+
+
+def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "ema",
+                   overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[MuseTokenizer, Config]:
+    """The config's tokenizer with a checkpoint's ``ema`` (default) or ``model`` weights; ``checkpoint``
+    is a file or a run folder (its last checkpoint). Without one, the config's own (pretrained or random)
+    weights are used."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    cfg = load_config(config, overrides)
+    model = MuseTokenizer(cfg.model)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        file = latest_checkpoint(path) if path.is_dir() else path
+        if file is None or not file.exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file, nor a run folder with checkpoints")
+        state = load_checkpoint(file)
+        if weights not in state:
+            raise ValueError(f"checkpoint {file} has no {weights!r} weights (keys: {sorted(state)})")
+        load_model_weights(model, state[weights], f"checkpoint {file}")
+    return model.to(device).eval(), cfg
