@@ -189,10 +189,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
     batches = iter(loader)
 
     def save(step: int) -> Path | None:
+        all_positions = dict(positions)
+        if world > 1:
+            # Each rank reads its own shard parts: the checkpoint records every rank's position.
+            gathered = [None] * world
+            dist.all_gather_object(gathered, positions)
+            for ranks_positions in gathered:
+                all_positions.update(ranks_positions)
         if not main_process:
             return None
         state = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "positions": positions, "rng": rng_state(),
+                 "scaler": scaler.state_dict(), "step": step, "positions": all_positions, "rng": rng_state(),
                  "bad_steps": bad_total, "stage": tc.stage}
         if discriminator is not None:
             state |= {"discriminator": discriminator.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),

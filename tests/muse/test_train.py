@@ -153,3 +153,17 @@ def test_pictures_tensorboard_and_gradient_orthogonality_are_logged(shards, tmp_
     pictures = sorted(p.name for p in (tmp_path / "logs" / "images").iterdir())
     assert pictures == ["step_00000002_attention.png", "step_00000002_reconstruction.png"]
     assert list((tmp_path / "logs" / "tensorboard").iterdir())
+
+
+def test_ddp_checkpoint_records_every_ranks_data_position(shards, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(1, shards, tmp_path / "ddp_pos", steps=2)
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    positions = load_checkpoint(latest_checkpoint(tmp_path / "ddp_pos"))["positions"]
+    assert set(positions) == {0, 1} and all(n >= 4 for n in positions.values())
