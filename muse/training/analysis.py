@@ -50,12 +50,12 @@ def gradient_cosines(model: torch.nn.Module, losses: dict[str, torch.Tensor]) ->
     return result
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _save(grid: np.ndarray, tile: int, path: str | Path, min_tile: int = 128) -> Path:
+def save_picture(grid: np.ndarray, tile: int, path: str | Path, min_tile: int = 128) -> Path:
     """Small tiles (tiny models' 32-pixel images) are enlarged, pixel for pixel, to be readable."""
     image = Image.fromarray(grid)
     if tile < min_tile:
@@ -67,12 +67,12 @@ def _save(grid: np.ndarray, tile: int, path: str | Path, min_tile: int = 128) ->
 
 def save_reconstruction_grid(images: torch.Tensor, reconstruction: torch.Tensor, path: str | Path, count: int = 8) -> Path:
     """Inputs on the top row, reconstructions below."""
-    top, bottom = _to_uint8(images[:count]), _to_uint8(reconstruction[:count])
+    top, bottom = to_uint8(images[:count]), to_uint8(reconstruction[:count])
     grid = np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(bottom), axis=1)], axis=0)
-    return _save(grid, top.shape[1], path)
+    return save_picture(grid, top.shape[1], path)
 
 
-def _heat(values: np.ndarray, size: int) -> np.ndarray:
+def heat_picture(values: np.ndarray, size: int) -> np.ndarray:
     """A map → an RGB heat picture (black → red → yellow → white) over its own min–max range, upsampled
     to size²: near-uniform maps still show where they peak."""
     v = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
@@ -85,11 +85,11 @@ def save_attention_grid(images: torch.Tensor, teacher: torch.Tensor, student: to
     """Per image: the image, the teacher's map and the student's head-mean map for the centre query token."""
     h, w = grid_hw
     query = (h // 2) * w + w // 2
-    pictures = _to_uint8(images[:count])
+    pictures = to_uint8(images[:count])
     size = pictures.shape[1]
     rows = []
     for i in range(min(count, pictures.shape[0])):
         t = teacher[i, query].detach().float().reshape(h, w).cpu().numpy()
         s = student[i, query].detach().float().reshape(h, w).cpu().numpy()
-        rows.append(np.concatenate([pictures[i], _heat(t, size), _heat(s, size)], axis=1))
-    return _save(np.concatenate(rows, axis=0), size, path)
+        rows.append(np.concatenate([pictures[i], heat_picture(t, size), heat_picture(s, size)], axis=1))
+    return save_picture(np.concatenate(rows, axis=0), size, path)

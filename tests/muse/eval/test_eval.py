@@ -67,3 +67,31 @@ def test_loading_errors_are_clear(tiny_run, tmp_path):
         load_tokenizer("tiny", str(tiny_run / "run"), overrides=["model.dim=32"])
     assert grad_orthogonality.main(["--config", "tiny", "--checkpoint", str(tmp_path / "nope"), "--shards",
                                     str(tiny_run / "shards" / "*.tar"), "--out", str(tmp_path)]) == 2
+
+
+def test_attention_maps_tool(tiny_run, tmp_path):
+    from PIL import Image
+
+    from muse.eval import attention_maps
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (50, 40), (40 * i, 100, 200)).save(folder / f"{i}.png")
+    assert attention_maps.main(["--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--images", str(folder),
+                                "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "attention_kl.json").read_text())
+    assert [r["image"] for r in report] == ["0.png", "1.png"] and all(len(r["kl_per_block"]) == 2 for r in report)
+    assert all(v >= 0 for r in report for v in r["kl_per_block"])
+    grid = Image.open(tmp_path / "out" / "attention_maps.png")
+    assert grid.size == (4 * 128, 2 * 128)  # image, teacher, two blocks; 32-pixel tiles enlarged
+    assert attention_maps.main(["--config", "tiny", "--images", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+
+
+def test_per_image_kl_by_hand():
+    from muse.eval.attention_maps import per_image_kl
+
+    t = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]])
+    s = torch.tensor([[[0.25, 0.75], [1.0, 0.0]]])
+    expected = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 0.0) / 2
+    assert per_image_kl(t, s).item() == pytest.approx(expected, abs=1e-7)
