@@ -23,11 +23,17 @@ def test_psnr_of_identical_and_of_a_known_offset():
     torch.testing.assert_close(psnr(x + 0.2, x), torch.full((2,), 20.0, dtype=torch.float64))
 
 
-def test_ssim_is_one_for_identical_images_and_lower_for_noise():
-    x = torch.rand(2, 3, 24, 24) * 2 - 1
+def test_ssim_identical_constant_and_noise():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=gen) * 2 - 1
     torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
-    noisy = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
-    assert (ssim(noisy, x) < 0.9).all()
+    # Constant images have no variance: SSIM is the luminance term alone, (2ab + C1) / (a² + b² + C1).
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), -0.2)
+    expected = (2 * 0.6 * 0.4 + 1e-4) / (0.6**2 + 0.4**2 + 1e-4)
+    assert ssim(a, b).item() == pytest.approx(expected, rel=1e-9)
+    noise = torch.randn(x.shape, generator=gen)
+    mild, strong = ssim((x + 0.1 * noise).clamp(-1, 1), x), ssim((x + 0.5 * noise).clamp(-1, 1), x)
+    assert (strong < mild).all() and (mild < 1).all()
 
 
 @pytest.fixture(scope="module")
