@@ -28,8 +28,8 @@ def test_ssim_identical_constant_and_noise():
     x = torch.rand(2, 3, 24, 24, generator=gen) * 2 - 1
     torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
     # Constant images have no variance: SSIM is the luminance term alone, (2ab + C1) / (a² + b² + C1).
-    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), -0.2)
-    expected = (2 * 0.6 * 0.4 + 1e-4) / (0.6**2 + 0.4**2 + 1e-4)
+    a, b = torch.full((1, 3, 16, 16), 0.25), torch.full((1, 3, 16, 16), -0.25)  # 0.625 and 0.375 in [0, 1]
+    expected = (2 * 0.625 * 0.375 + 1e-4) / (0.625**2 + 0.375**2 + 1e-4)
     assert ssim(a, b).item() == pytest.approx(expected, rel=1e-9)
     noise = torch.randn(x.shape, generator=gen)
     mild, strong = ssim((x + 0.1 * noise).clamp(-1, 1), x), ssim((x + 0.5 * noise).clamp(-1, 1), x)
