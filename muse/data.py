@@ -205,6 +205,23 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield sample
 
 
+def read_once(shards: list[str], image_size: int):
+    """One pass over ``shards`` in order, centre-cropped, for evaluation; undecodable samples skipped."""
+    for shard in shards:
+        for raw in wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=_whole,
+                                  workersplitter=_whole):
+            try:
+                image = Image.open(io.BytesIO(raw["jpg"]))
+                image.load()
+            except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+                log.warning("skipped undecodable sample %s (%s)", raw.get("__key__"), err)
+                continue
+            caption = raw.get("txt", b"")
+            yield {"key": raw["__key__"], "image": preprocess(image, image_size, torch.Generator(), train=False),
+                   "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
+                   "cls": int(raw["cls"]) if "cls" in raw else -1}
+
+
 def collate(samples: list[dict]) -> dict:
     """A batch, with the furthest raw position it reached per part (what a checkpoint records)."""
     positions: dict[int, int] = {}
