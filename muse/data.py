@@ -67,6 +67,14 @@ def read_captions(path: str | os.PathLike) -> dict[str, str]:
     return captions
 
 
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """An image file, or the images of a folder (by suffix), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+
+
 def make_shards_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Turn an image folder (+ captions file) into WebDataset shards")
     parser.add_argument("--images", required=True, help="folder of images")
@@ -75,7 +83,7 @@ def make_shards_main(argv=None) -> int:
     parser.add_argument("--per-shard", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(args.images)
     if not files:
         log.error("no images (%s) in %s", ", ".join(IMAGE_SUFFIXES), args.images)
         return 2
@@ -90,6 +98,22 @@ def make_shards_main(argv=None) -> int:
 
 def _whole(urls):
     return urls
+
+
+def _open_shard(shard: str):
+    # Shards are split across ranks and workers by the caller: webdataset's own splitters would split
+    # a one-shard list again and leave the other workers empty.
+    return wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=_whole, workersplitter=_whole)
+
+
+def _decode(raw: dict, image_size: int, generator: torch.Generator, train: bool) -> dict:
+    """A raw shard record → {"image", "caption", "cls"}; raises on an undecodable image."""
+    image = Image.open(io.BytesIO(raw["jpg"]))
+    image.load()
+    caption = raw.get("txt", b"")
+    return {"image": preprocess(image, image_size, generator, train),
+            "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
+            "cls": int(raw["cls"]) if "cls" in raw else -1}
 
 
 def _seed(*parts) -> int:
@@ -157,22 +181,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = list(shards)
             random.Random(_seed(self.seed, source_index, epoch)).shuffle(order)
             for shard in order:
-                # The shards are already split across ranks and workers (in __iter__): webdataset's own
-                # splitters would split this one-shard list again and leave the other workers empty.
-                yield from wds.WebDataset(shard, shardshuffle=False, empty_check=False,
-                                          nodesplitter=_whole, workersplitter=_whole)
+                yield from _open_shard(shard)
             epoch += 1
 
     def _decode(self, raw: dict, part: int, number: int) -> dict | None:
         try:
-            image = Image.open(io.BytesIO(raw["jpg"]))
-            image.load()
             generator = torch.Generator().manual_seed(_seed(self.seed, part, number))
-            sample = {"image": preprocess(image, self.image_size, generator, self.train),
-                      "caption": raw.get("txt", b"").decode("utf-8") if isinstance(raw.get("txt"), bytes)
-                      else raw.get("txt", ""),
-                      "cls": int(raw["cls"]) if "cls" in raw else -1, "position": (part, number)}
-            return sample
+            return _decode(raw, self.image_size, generator, self.train) | {"position": (part, number)}
         except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
             self.skipped += 1
             log.warning("skipped undecodable sample %s (%s: %s); %d skipped so far",
@@ -208,18 +223,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 def read_once(shards: list[str], image_size: int):
     """One pass over ``shards`` in order, centre-cropped, for evaluation; undecodable samples skipped."""
     for shard in shards:
-        for raw in wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=_whole,
-                                  workersplitter=_whole):
+        for raw in _open_shard(shard):
             try:
-                image = Image.open(io.BytesIO(raw["jpg"]))
-                image.load()
+                sample = _decode(raw, image_size, torch.Generator(), train=False)
             except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 log.warning("skipped undecodable sample %s (%s)", raw.get("__key__"), err)
                 continue
-            caption = raw.get("txt", b"")
-            yield {"key": raw["__key__"], "image": preprocess(image, image_size, torch.Generator(), train=False),
-                   "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
-                   "cls": int(raw["cls"]) if "cls" in raw else -1}
+            yield {"key": raw["__key__"], **sample}
 
 
 def collate(samples: list[dict]) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from muse.data import IMAGE_SUFFIXES, preprocess
+from muse.data import list_images, preprocess
 from muse.training.analysis import heat_picture, save_picture, to_uint8
 
 log = logging.getLogger("muse.eval")
@@ -62,10 +62,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from muse.eval.common import load_tokenizer
 
-    source = Path(args.images)
-    files = [source] if source.is_file() else sorted(p for p in source.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(args.images)
     if not files:
-        log.error("no images at %s", source)
+        log.error("no images at %s", args.images)
         return 2
     try:
         model, cfg = load_tokenizer(args.config, args.checkpoint)

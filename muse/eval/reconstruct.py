@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from muse.data import IMAGE_SUFFIXES, expand_shards, preprocess, read_once
+from muse.data import expand_shards, list_images, preprocess, read_once
 from muse.eval.metrics import psnr, ssim
 from muse.training.analysis import to_uint8
 
@@ -35,10 +35,9 @@ def reconstruct(model, images: torch.Tensor, batch_size: int = 16) -> torch.Tens
 
 def _load_images(args, size: int) -> tuple[list[str], torch.Tensor]:
     if args.images:
-        source = Path(args.images)
-        files = [source] if source.is_file() else sorted(p for p in source.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = list_images(args.images)
         if not files:
-            raise FileNotFoundError(f"no images at {source}")
+            raise FileNotFoundError(f"no images at {args.images}")
         pixels = [preprocess(Image.open(f), size, torch.Generator(), train=False) for f in files]
         return [f.name for f in files], torch.stack(pixels)
     samples = list(itertools.islice(read_once(expand_shards(args.shards), size), args.max_images))
