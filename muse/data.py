@@ -36,7 +36,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 def write_shards(samples, out_dir: str | os.PathLike, samples_per_shard: int = 1000, prefix: str = "shard",
                  quality: int = 95) -> list[str]:
     """``samples``: iterable of dicts with ``image`` (PIL image or HxWx3 uint8 array), ``caption`` (str),
-    optional ``cls`` (int). Returns the shard paths."""
+    optional ``cls`` (int) and ``seg`` (HxW uint8 label array or mode-"L" PIL image, the image's size).
+    Returns the shard paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pattern = str(out_dir / f"{prefix}-%06d.tar")
@@ -50,8 +51,22 @@ def write_shards(samples, out_dir: str | os.PathLike, samples_per_shard: int = 1
             record = {"__key__": f"{index:06d}", "jpg": buf.getvalue(), "txt": sample.get("caption", "")}
             if sample.get("cls") is not None:
                 record["cls"] = str(int(sample["cls"]))
+            if sample.get("seg") is not None:
+                record["seg.png"] = _label_png(sample["seg"], image.size)
             sink.write(record)
     return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+
+
+def _label_png(labels, image_size: tuple[int, int]) -> bytes:
+    labels = labels if isinstance(labels, Image.Image) else Image.fromarray(np.asarray(labels, dtype=np.uint8))
+    if labels.mode != "L":
+        raise ValueError(f"segmentation labels must be 8-bit (mode 'L' or a uint8 array), got mode {labels.mode!r}")
+    if labels.size != image_size:
+        raise ValueError(f"segmentation labels are {labels.size[0]}x{labels.size[1]}, the image "
+                         f"{image_size[0]}x{image_size[1]}")
+    buf = io.BytesIO()
+    labels.save(buf, format="PNG")  # lossless: labels must survive exactly
+    return buf.getvalue()
 
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
@@ -107,13 +122,20 @@ def _open_shard(shard: str):
 
 
 def _decode(raw: dict, image_size: int, generator: torch.Generator, train: bool) -> dict:
-    """A raw shard record → {"image", "caption", "cls"}; raises on an undecodable image."""
+    """A raw shard record → {"image", "caption", "cls"} (+ "seg" when it has labels); raises on an
+    undecodable image."""
     image = Image.open(io.BytesIO(raw["jpg"]))
     image.load()
     caption = raw.get("txt", b"")
-    return {"image": preprocess(image, image_size, generator, train),
-            "caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
-            "cls": int(raw["cls"]) if "cls" in raw else -1}
+    sample = {"caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
+              "cls": int(raw["cls"]) if "cls" in raw else -1}
+    if "seg.png" in raw:
+        labels = Image.open(io.BytesIO(raw["seg.png"]))
+        labels.load()
+        sample["image"], sample["seg"] = preprocess_pair(image, labels, image_size, generator, train)
+    else:
+        sample["image"] = preprocess(image, image_size, generator, train)
+    return sample
 
 
 def _seed(*parts) -> int:
@@ -136,24 +158,40 @@ def expand_shards(pattern: str) -> list[str]:
     return paths
 
 
-def preprocess(image: Image.Image, size: int, generator: torch.Generator, train: bool = True) -> torch.Tensor:
-    """Resize the shorter edge to ``size``, crop ``size``² (random in training, centre otherwise), flip
-    half the time in training; (3, size, size) in [-1, 1]."""
-    image = image.convert("RGB")
-    width, height = image.size
+def _crop_box(width: int, height: int, size: int, generator: torch.Generator, train: bool):
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
     if train:
         left = int(torch.randint(0, new_w - size + 1, (1,), generator=generator))
         top = int(torch.randint(0, new_h - size + 1, (1,), generator=generator))
     else:
         left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+    return (new_w, new_h), (left, top, left + size, top + size)
+
+
+def preprocess(image: Image.Image, size: int, generator: torch.Generator, train: bool = True) -> torch.Tensor:
+    """Resize the shorter edge to ``size``, crop ``size``² (random in training, centre otherwise), flip
+    half the time in training; (3, size, size) in [-1, 1]."""
+    return preprocess_pair(image, None, size, generator, train)[0]
+
+
+def preprocess_pair(image: Image.Image, labels: Image.Image | None, size: int, generator: torch.Generator,
+                    train: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``preprocess`` of an image and, through the same resize (nearest: labels are not blended), crop
+    and flip, of its segmentation labels → ((3, size, size) pixels, (size, size) int64 labels or None)."""
+    image = image.convert("RGB")
+    if labels is not None and labels.size != image.size:
+        raise ValueError(f"segmentation labels are {labels.size}, the image {image.size}")
+    new_size, box = _crop_box(*image.size, size, generator, train)
+    image = image.resize(new_size, Image.BICUBIC).crop(box)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    label_map = None
+    if labels is not None:
+        label_map = torch.from_numpy(np.asarray(labels.resize(new_size, Image.NEAREST).crop(box), dtype=np.int64).copy())
     if train and bool(torch.rand((), generator=generator) < 0.5):
         pixels = pixels.flip(-1)
-    return pixels
+        label_map = label_map.flip(-1) if label_map is not None else None
+    return pixels, label_map
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from muse.data import ShardStream, Source, collate, expand_shards, make_shards_main, read_captions, write_shards
+from muse.data import (ShardStream, Source, collate, expand_shards, make_shards_main, read_captions, read_once,
+                       write_shards)
 
 
 def _samples(n, color_offset=0):
@@ -102,3 +103,38 @@ def test_data_loader_workers_each_read_their_own_shards(tmp_path):
     captions = {c for b in batches for c in b["captions"]}
     assert captions == {f"photo {i}" for i in range(8)}
     assert {part for b in batches for part in b["positions"]} == {0, 1}
+
+
+def _half_and_half(width=50, height=40):
+    """Red left half labelled 1, blue right half labelled 2."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[:, : width // 2, 0] = 255
+    image[:, width // 2:, 2] = 255
+    labels = np.ones((height, width), dtype=np.uint8)
+    labels[:, width // 2:] = 2
+    return image, labels
+
+
+def test_segmentation_labels_follow_the_image_through_crop_and_flip(tmp_path):
+    image, labels = _half_and_half()
+    shards = write_shards(({"image": image, "caption": "", "seg": labels} for _ in range(12)), tmp_path)
+    flipped = 0
+    for sample in _take(ShardStream([Source(shards)], image_size=32, seed=5), 12):
+        pixels, seg = sample["image"], sample["seg"]
+        assert seg.shape == (32, 32) and seg.dtype == torch.int64 and set(seg.unique().tolist()) <= {1, 2}
+        red = (pixels[0] > 0.5) & (pixels[2] < -0.5)
+        blue = (pixels[2] > 0.5) & (pixels[0] < -0.5)
+        assert red.any() and blue.any()
+        assert (seg[red] == 1).all() and (seg[blue] == 2).all()
+        flipped += int(seg[0, 0] == 2)  # red is on the left unless flipped
+    assert 0 < flipped < 12  # both orientations occurred, so the flip reached the labels
+    centre = next(read_once(shards, 32))["seg"]  # 50x40 → 40x32, crop from column 4: the edge at 16
+    assert centre[:, :16].eq(1).all() and centre[:, 16:].eq(2).all()
+
+
+def test_segmentation_labels_must_match_the_image(tmp_path):
+    image, labels = _half_and_half()
+    with pytest.raises(ValueError, match="segmentation labels are 49x40, the image 50x40"):
+        write_shards([{"image": image, "caption": "", "seg": labels[:, :49]}], tmp_path)
+    with pytest.raises(ValueError, match="8-bit"):
+        write_shards([{"image": image, "caption": "", "seg": Image.fromarray(labels.astype(np.int32))}], tmp_path)
