@@ -11,6 +11,15 @@ from muse.models import MuseTokenizer
 from muse.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
 
 
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A checkpoint file, or a run folder's last checkpoint."""
+    path = Path(checkpoint)
+    file = latest_checkpoint(path) if path.is_dir() else path
+    if file is None or not file.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file, nor a run folder with checkpoints")
+    return file
+
+
 def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "ema",
                    overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[MuseTokenizer, Config]:
     """The config's tokenizer with a checkpoint's ``ema`` (default) or ``model`` weights; ``checkpoint``
@@ -21,10 +30,7 @@ def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "e
     cfg = load_config(config, overrides)
     model = MuseTokenizer(cfg.model)
     if checkpoint is not None:
-        path = Path(checkpoint)
-        file = latest_checkpoint(path) if path.is_dir() else path
-        if file is None or not file.exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint!r}: no such file, nor a run folder with checkpoints")
+        file = resolve_checkpoint(checkpoint)
         state = load_checkpoint(file)
         if weights not in state:
             raise ValueError(f"checkpoint {file} has no {weights!r} weights (keys: {sorted(state)})")

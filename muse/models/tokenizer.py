@@ -134,6 +134,16 @@ class MuseOutput:
     teacher_maps: torch.Tensor | None = None
 
 
+@dataclass
+class MuseFeatures:
+    """Frozen-model features for probes: per token on the (h, w) latent grid, and per image."""
+
+    latents: torch.Tensor  # (B, h·w, latent_channels): what the decoder reads
+    semantic: torch.Tensor  # (B, h·w, dim): the last block's semantic export v_itc
+    image_embeds: torch.Tensor  # (B, text.embed_dim), L2-normalized: the ITC embedding
+    grid: tuple[int, int]
+
+
 class MuseTokenizer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -198,6 +208,18 @@ class MuseTokenizer(nn.Module):
         for block in self.muse_blocks:
             x = block(x).x
         return self._latents(x, h, w)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> MuseFeatures:
+        """The features the probes read (linear, zero-shot, segmentation), from one encoder pass."""
+        self._check_images(images)
+        x, h, w = self._tokens(images)
+        for block in self.muse_blocks:
+            out = block(x)
+            x = out.x
+        latents = self.to_latent(x)
+        image_embeds = F.normalize(self.itc_proj(out.v_itc.mean(dim=1)), dim=-1)
+        return MuseFeatures(latents=latents, semantic=out.v_itc, image_embeds=image_embeds, grid=(h, w))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 4 or latents.shape[1] != self.cfg.latent_channels:

@@ -1,0 +1,117 @@
+"""Frozen-tokenizer features over shards, for the probes, cached on disk.
+
+A probe trains for many epochs on features that never change: they are computed once per (checkpoint,
+config, shards, feature kind, image count) and reloaded from ``--cache`` afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muse.data import read_once
+
+log = logging.getLogger("muse.eval")
+
+KINDS = ("latents", "semantic", "embeds")
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # (M, C) pooled, or (M, h·w, C) per token
+    labels: torch.Tensor  # (M,) class indices, -1 where a sample has none
+    seg: torch.Tensor | None  # (M, S, S) segmentation labels, when every sample has them
+    grid: tuple[int, int]
+    keys: list[str]
+
+
+def _progress(total: int | None, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+@torch.no_grad()
+def extract_features(model, shards: list[str], kind: str = "latents", pooled: bool = True,
+                     batch_size: int = 32, max_images: int | None = None, device: str | torch.device = "cpu",
+                     desc: str = "features") -> FeatureSet:
+    """One centre-cropped pass over ``shards``: the tokenizer's ``kind`` features (``latents``, the
+    ``semantic`` export, mean-pooled over tokens when ``pooled``; or the ITC ``embeds``, one per image),
+    with class and segmentation labels."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    features, labels, segs, keys = [], [], [], []
+    grid = (0, 0)
+    bar = _progress(max_images, desc)
+
+    def flush(batch):
+        nonlocal grid
+        images = torch.stack([s["image"] for s in batch]).to(device)
+        out = model.features(images)
+        if kind == "embeds":
+            features.append(out.image_embeds.float().cpu())
+        else:
+            tokens = out.latents if kind == "latents" else out.semantic
+            features.append((tokens.mean(dim=1) if pooled else tokens).float().cpu())
+        grid = out.grid
+        if bar is not None:
+            bar.update(len(batch))
+
+    batch = []
+    for sample in read_once(shards, model.cfg.image_size):
+        batch.append(sample)
+        labels.append(sample["cls"])
+        segs.append(sample.get("seg"))
+        keys.append(sample["key"])
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+        if max_images is not None and len(keys) >= max_images:
+            break
+    if batch:
+        flush(batch)
+    if bar is not None:
+        bar.close()
+    if not keys:
+        raise FileNotFoundError(f"no decodable samples in {len(shards)} shard(s) starting with {shards[:1]}")
+    seg = torch.stack(segs) if all(s is not None for s in segs) else None
+    return FeatureSet(torch.cat(features), torch.tensor(labels), seg, grid, keys)
+
+
+def cache_key(**parts) -> str:
+    """A digest of what determines the features; files are identified by path, size and mtime."""
+    def describe(value):
+        if isinstance(value, (list, tuple)):
+            return [describe(v) for v in value]
+        if isinstance(value, str) and os.path.isfile(value):
+            stat = os.stat(value)
+            return [os.path.abspath(value), stat.st_size, stat.st_mtime_ns]
+        return value
+
+    text = json.dumps({k: describe(v) for k, v in sorted(parts.items())}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cached_features(cache_dir: str | os.PathLike | None, key: str, compute) -> FeatureSet:
+    """``compute()``'s result, read from ``cache_dir/<key>.pt`` when there, written there (atomically)
+    otherwise; no cache without a ``cache_dir``."""
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"features-{key}.pt"
+    if path.exists():
+        log.info("features from cache %s", path)
+        return FeatureSet(**torch.load(path, weights_only=True))
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".pt.tmp")
+    torch.save(vars(result), partial)
+    os.replace(partial, path)
+    return result
