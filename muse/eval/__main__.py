@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-TOOLS = {"reconstruct": "reconstruct", "attention-maps": "attention_maps", "grad-orthogonality": "grad_orthogonality"}
+TOOLS = {"reconstruct": "reconstruct", "recon-metrics": "recon_metrics", "linear-probe": "linear_probe",
+         "zero-shot": "zero_shot", "seg-probe": "seg_probe", "attention-maps": "attention_maps",
+         "grad-orthogonality": "grad_orthogonality"}
 
 
 def main(argv=None) -> int:

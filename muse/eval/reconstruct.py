@@ -1,11 +1,12 @@
-"""reconstruct / recon-metrics: reconstructions side by side with their inputs, and their metrics.
+"""reconstruct: reconstructions side by side with their inputs, with per-image PSNR and SSIM.
 
     python -m muse.eval.reconstruct --config tiny --checkpoint demo_out/stage3 --images photos/ --out recon/
     python -m muse.eval.reconstruct --config tiny --checkpoint demo_out/stage3 --shards 'shards/*.tar' \\
         --metrics --max-images 500 --out recon/
 
 Images are resized (shorter edge) and centre-cropped to the model's input size. ``--metrics`` writes
-the mean PSNR and SSIM (and per image) to ``metrics.json``; LPIPS and rFID are not computed yet.
+the mean PSNR and SSIM (and per image) to ``metrics.json``; ``recon-metrics`` adds LPIPS and rFID over
+whole evaluation sets.
 """
 
 from __future__ import annotations
