@@ -84,14 +84,33 @@ def test_attention_maps_tool(tiny_run, tmp_path):
     folder.mkdir()
     for i in range(2):
         Image.new("RGB", (50, 40), (40 * i, 100, 200)).save(folder / f"{i}.png")
-    assert attention_maps.main(["--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--images", str(folder),
-                                "--out", str(tmp_path / "out")]) == 0
+    args = ["--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--images", str(folder)]
+    assert attention_maps.main([*args, "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "attention_kl.json").read_text())
-    assert [r["image"] for r in report] == ["0.png", "1.png"] and all(len(r["kl_per_block"]) == 2 for r in report)
+    assert [r["image"] for r in report] == ["0.png", "1.png"] and all(r["query"] == [2, 2] for r in report)
+    assert all(len(r["kl_per_block"]) == 2 and len(r["kl_per_block_head"]) == 2 for r in report)
+    assert all(len(heads) == 4 for r in report for heads in r["kl_per_block_head"])  # tiny: 4 heads
     assert all(v >= 0 for r in report for v in r["kl_per_block"])
-    grid = Image.open(tmp_path / "out" / "attention_maps.png")
-    assert grid.size == (4 * 128, 2 * 128)  # image, teacher, two blocks; 32-pixel tiles enlarged
+    panel = Image.open(tmp_path / "out" / "0_attention.png")
+    # image, teacher, head mean, overlay, 4 heads; 2 blocks; 32-pixel tiles enlarged to 128; labels.
+    assert panel.size == (60 + 8 * 128, 18 + 2 * 128)
+    assert attention_maps.main([*args, "--query", "0,3", "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "attention_kl.json").read_text())[0]["query"] == [0, 3]
+    assert attention_maps.main([*args, "--query", "4,0", "--out", str(tmp_path / "bad")]) == 2  # 4x4 grid
     assert attention_maps.main(["--config", "tiny", "--images", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+
+
+def test_attention_maps_match_the_models_own_maps(tiny_run):
+    from muse.eval.attention_maps import attention_maps
+
+    model, _ = load_tokenizer("tiny", str(tiny_run / "run"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    teacher, student, grid = attention_maps(model, images)
+    out = model(images, return_maps=True)  # tiny: head-mean maps, every block when maps are asked for
+    assert grid == (4, 4) and [m.shape for m in student] == [(2, 4, 16, 16)] * 2
+    torch.testing.assert_close(teacher, out.teacher_maps)
+    for per_head, mean in zip(student, out.maps):
+        torch.testing.assert_close(per_head.mean(1), mean.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_per_image_kl_by_hand():
@@ -101,6 +120,9 @@ def test_per_image_kl_by_hand():
     s = torch.tensor([[[0.25, 0.75], [1.0, 0.0]]])
     expected = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 0.0) / 2
     assert per_image_kl(t, s).item() == pytest.approx(expected, abs=1e-7)
+    per_head = per_image_kl(t, torch.stack([s, t], dim=1))  # a second head equal to the teacher: KL 0
+    assert per_head.shape == (1, 2) and per_head[0, 0].item() == pytest.approx(expected, abs=1e-7)
+    assert per_head[0, 1].item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_reconstruct_tool_from_shards_and_images(tiny_run, tmp_path):
