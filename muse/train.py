@@ -146,7 +146,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     out_dir = Path(tc.out_dir)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(tc.seed + rank)
+    # The same seed on every rank: DDP broadcasts the tokenizer's weights, but the discriminator and any
+    # randomly initialised loss network are built by each rank and must start identical too.
+    torch.manual_seed(tc.seed)
 
     model = MuseTokenizer(cfg.model).to(device)
     if tc.init_weight:
@@ -162,6 +164,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     disc_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=oc.disc_lr, betas=tuple(oc.betas))
                       if discriminator is not None else None)
     ema = EMA(model, tc.ema_decay, skip_prefixes=FROZEN_PREFIXES)
+    torch.manual_seed(tc.seed + rank)
     autocast, use_scaler = autocast_for(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -260,6 +263,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     # The discriminator runs three forwards a step (not DDP's one): average its gradients here.
                     for param in discriminator.parameters():
                         dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+                    # Its BatchNorm normalizes with each rank's own batch; the running statistics
+                    # (what a checkpoint keeps) are averaged so that every rank holds the same ones.
+                    for buffer in discriminator.buffers():
+                        if buffer.is_floating_point():
+                            dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
                 terms |= d_terms
@@ -295,6 +303,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             writer.close()
         progress.close()
     return {"stage": tc.stage, "out_dir": str(out_dir), "history": history, "model": model,
+            "discriminator": discriminator,
             "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
             "skipped_samples": stream.skipped, "trainable_parameters": len(trainable)}
 

@@ -114,12 +114,14 @@ def _ddp_worker(rank, world, port, cfg, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     summary = train(cfg)
-    torch.save({k: v for k, v in summary["model"].state_dict().items() if not k.startswith("teacher.")},
-               f"{out}/rank{rank}.pt")
+    state = {k: v for k, v in summary["model"].state_dict().items() if not k.startswith("teacher.")}
+    if summary["discriminator"] is not None:
+        state |= {f"discriminator.{k}": v for k, v in summary["discriminator"].state_dict().items()}
+    torch.save(state, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_ddp_keeps_ranks_identical(shards, tmp_path):
+def _run_two_ranks(cfg, out):
     import socket
 
     import torch.multiprocessing as mp
@@ -127,14 +129,59 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(shards, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # Stage 3 also exercises the discriminator's gradient averaging.
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(shards, tmp_path):
+    # Stage 3 also exercises the discriminator: built by each rank, its gradients averaged by hand.
     cfg = _cfg(3, shards, tmp_path / "ddp", steps=2, extra=["train.init_weight=null"])
-    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = _run_two_ranks(cfg, tmp_path)
     start = train_module.MuseTokenizer(cfg.model).state_dict()
+    assert any(k.startswith("discriminator.") for k in ranks[0])
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), key
     assert any(not torch.equal(v, start[k]) for k, v in ranks[0].items() if k.startswith("muse_blocks."))
+
+
+class _CombinedBatches:
+    """What the two DDP ranks read, concatenated into one batch per step, for a single process."""
+
+    def __init__(self, cfg, per_rank):
+        from muse.data import ShardStream, Source, collate, expand_shards
+
+        streams = [iter(ShardStream([Source(expand_shards(cfg.data.shards[0]))], cfg.model.image_size,
+                                    seed=cfg.train.seed, rank=r, world_size=2)) for r in range(2)]
+        self.skipped, self.per_rank, self.collate, self.streams = 0, per_rank, collate, streams
+
+    def __iter__(self):
+        while True:
+            parts = [self.collate([next(s) for _ in range(self.per_rank)]) for s in self.streams]
+            yield {"images": torch.cat([p["images"] for p in parts]), "captions": sum((p["captions"] for p in parts), []),
+                   "cls": torch.cat([p["cls"] for p in parts]), "positions": parts[0]["positions"] | parts[1]["positions"]}
+
+
+def test_ddp_equals_one_process_on_the_combined_batch(shards, tmp_path, monkeypatch):
+    # Stage 1's losses are means over images: DDP's average of two half-batch gradients is the
+    # full batch's gradient, so two ranks of 2 images train like one process of 4 (up to float
+    # summation order).
+    cfg = _cfg(1, shards, tmp_path / "ddp_pos", steps=2)
+    ranks = _run_two_ranks(cfg, tmp_path)
+    positions = load_checkpoint(latest_checkpoint(tmp_path / "ddp_pos"))["positions"]
+    assert set(positions) == {0, 1} and all(n >= 4 for n in positions.values())  # every rank's position
+
+    single = _cfg(1, shards, tmp_path / "single", steps=2, extra=["data.batch_size=4"])
+    combined = _CombinedBatches(cfg, per_rank=2)
+    monkeypatch.setattr(train_module, "build_loader", lambda *args: (combined, combined))
+    model = train(single)["model"]
+    start = train_module.MuseTokenizer(cfg.model).state_dict()
+    moved = 0
+    for key, value in model.state_dict().items():
+        if key.startswith("teacher."):
+            continue
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += not torch.equal(value, start[key])
+    assert moved > 10
 
 
 def test_pictures_tensorboard_and_gradient_orthogonality_are_logged(shards, tmp_path):
@@ -153,17 +200,3 @@ def test_pictures_tensorboard_and_gradient_orthogonality_are_logged(shards, tmp_
     pictures = sorted(p.name for p in (tmp_path / "logs" / "images").iterdir())
     assert pictures == ["step_00000002_attention.png", "step_00000002_reconstruction.png"]
     assert list((tmp_path / "logs" / "tensorboard").iterdir())
-
-
-def test_ddp_checkpoint_records_every_ranks_data_position(shards, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = _cfg(1, shards, tmp_path / "ddp_pos", steps=2)
-    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
-    positions = load_checkpoint(latest_checkpoint(tmp_path / "ddp_pos"))["positions"]
-    assert set(positions) == {0, 1} and all(n >= 4 for n in positions.values())
