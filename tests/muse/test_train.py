@@ -53,8 +53,10 @@ def test_three_stages_train_the_right_parameters(shards, tmp_path, monkeypatch):
     assert state["stage"] == 3 and "discriminator" in state and not any(k.startswith("teacher.") for k in state["model"])
 
 
-def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkeypatch):
-    train(_cfg(1, shards, tmp_path / "full", steps=6))
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkeypatch, precision):
+    extra = [f"train.precision={precision}"]  # fp16: autocast with a GradScaler, whose state is resumed too
+    train(_cfg(1, shards, tmp_path / "full", steps=6, extra=extra))
     original_lr = train_module.lr_at
 
     def crash_at_step_4(step, *args):
@@ -64,12 +66,16 @@ def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkey
 
     monkeypatch.setattr(train_module, "lr_at", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(1, shards, tmp_path / "split", steps=6))
+        train(_cfg(1, shards, tmp_path / "split", steps=6, extra=extra))
     monkeypatch.setattr(train_module, "lr_at", original_lr)
     assert latest_checkpoint(tmp_path / "split").name == "step_00000003.pt"
-    train(_cfg(1, shards, tmp_path / "split", steps=6), resume=True)
+    train(_cfg(1, shards, tmp_path / "split", steps=6, extra=extra), resume=True)
     full, split = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("full", "split"))
     assert full["step"] == split["step"] == 6
+    assert full["scaler"] == split["scaler"]
+    if precision == "fp16":
+        assert full["scaler"]["scale"] == 65536.0 and full["scaler"]["_growth_tracker"] == 6  # no overflow
+        assert all(v.dtype == torch.float32 for v in full["model"].values() if v.is_floating_point())
     for section in ("model", "ema"):
         for key, value in full[section].items():
             assert torch.equal(value, split[section][key]), f"{section}.{key}"
