@@ -201,15 +201,20 @@ class ShardStream(torch.utils.data.IterableDataset):
     fails to decode is skipped, counted (``skipped``) and logged, never fatal. Every sample carries its
     ``position`` (part, raw sample number); ``resume_positions`` ({part: number}, from the batches a
     resumed run already consumed) fast-forwards each part without decoding anything.
+
+    A data loader takes whole batches from its workers in turn, always starting with worker 0; a run
+    resumed after ``k`` batches needs part ``k mod workers`` first: ``worker_offset = k`` rotates the
+    workers' parts so that the batch order continues exactly.
     """
 
     def __init__(self, sources: list[Source], image_size: int, seed: int = 0, train: bool = True,
-                 rank: int = 0, world_size: int = 1, resume_positions: dict[int, int] | None = None):
+                 rank: int = 0, world_size: int = 1, resume_positions: dict[int, int] | None = None,
+                 worker_offset: int = 0):
         super().__init__()
         if not sources:
             raise ValueError("at least one data source is needed")
         self.sources, self.image_size, self.seed, self.train = sources, image_size, seed, train
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.worker_offset = rank, world_size, worker_offset
         self.resume_positions = dict(resume_positions or {})
         self.skipped = 0
 
@@ -235,7 +240,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        part, parts = self.rank * workers + worker, self.world_size * workers
+        part, parts = self.rank * workers + (worker + self.worker_offset) % workers, self.world_size * workers
         streams = []
         for index, source in enumerate(self.sources):
             mine = source.shards[part::parts]

@@ -62,7 +62,7 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype), precision == "fp16"
 
 
-def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, int]):
+def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, int], start_step: int = 0):
     sources = []
     for index, pattern in enumerate(cfg.data.shards):
         if not pattern:
@@ -72,7 +72,7 @@ def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, int]):
     if not sources:
         raise ValueError("data.shards is empty: give at least one shard pattern")
     stream = ShardStream(sources, cfg.model.image_size, seed=cfg.train.seed, rank=rank, world_size=world,
-                         resume_positions=positions)
+                         resume_positions=positions, worker_offset=start_step)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                          collate_fn=collate, pin_memory=torch.cuda.is_available())
     return stream, loader
@@ -188,7 +188,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    stream, loader = build_loader(cfg, rank, world, positions)
+    stream, loader = build_loader(cfg, rank, world, positions, start)
     batches = iter(loader)
 
     def save(step: int) -> Path | None:
@@ -219,6 +219,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     try:
         for step in progress:
             batch = next(batches)
+            # Consumed even if the step is skipped below: a resumed run must not read it again.
+            for part, number in batch["positions"].items():
+                positions[part] = max(positions.get(part, 0), number)
             images = batch["images"].to(device, non_blocking=True)
             text_embeds = None
             if text_encoder is not None:
@@ -271,8 +274,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
                 terms |= d_terms
-            for part, number in batch["positions"].items():
-                positions[part] = max(positions.get(part, 0), number)
             images_seen += images.shape[0] * world
 
             done = step + 1

@@ -53,9 +53,11 @@ def test_three_stages_train_the_right_parameters(shards, tmp_path, monkeypatch):
     assert state["stage"] == 3 and "discriminator" in state and not any(k.startswith("teacher.") for k in state["model"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkeypatch, precision):
-    extra = [f"train.precision={precision}"]  # fp16: autocast with a GradScaler, whose state is resumed too
+@pytest.mark.parametrize("precision,workers", [("fp32", 0), ("fp16", 0), ("fp32", 2)])
+def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, tmp_path, monkeypatch, precision, workers):
+    # fp16: autocast with a GradScaler, whose state is resumed too. Two loader workers: the crash comes
+    # after an odd number of batches, so the resumed loader must start with the second worker's part.
+    extra = [f"train.precision={precision}", f"data.num_workers={workers}"]
     train(_cfg(1, shards, tmp_path / "full", steps=6, extra=extra))
     original_lr = train_module.lr_at
 
