@@ -39,6 +39,7 @@ class Case:
     setup: Callable[[], Callable[[], object]]
     flops: float = 0.0
     bytes: float = 0.0
+    images: int = 0  # images per call, for model-level throughput
 
 
 @dataclass
@@ -105,6 +106,8 @@ def measure(case: Case, device: torch.device, copy_gbps: float | None, reps: int
     result.ms_median, result.ms_p20, result.ms_p80 = median, p20, p80
     if case.flops:
         result.tflops = case.flops / (median * 1e-3) / 1e12
+    if case.images:
+        result.extra["img_per_s"] = case.images / (median * 1e-3)
     if case.bytes:
         result.gbps = case.bytes / (median * 1e-3) / 1e9
         if copy_gbps:
@@ -228,7 +231,7 @@ def markdown_table(results: list[Result], info: dict) -> str:
     if info.get("copy_gbps"):
         head += f"Measured copy bandwidth: {info['copy_gbps']:.0f} GB/s\n"
     lines = [head, "| op | variant | mode | shape | dtype | provider | median ms (p20–p80) | TFLOP/s | GB/s "
-             "(% copy) | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(% copy) | img/s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.status != "ok":
             timing = f"{r.status}: {r.reason}"
@@ -237,7 +240,8 @@ def markdown_table(results: list[Result], info: dict) -> str:
         bw = "" if r.gbps is None else f"{r.gbps:.0f}" + (
             f" ({100 * r.bandwidth_fraction:.0f} %)" if r.bandwidth_fraction else "")
         lines.append(f"| {r.op} | {r.variant} | {r.mode} | {_shape_label(r.shape)} | {r.dtype} | {r.provider} | "
-                     f"{timing} | {_fmt(r.tflops)} | {bw} | {_fmt(r.peak_mem_mb, 4)} |")
+                     f"{timing} | {_fmt(r.tflops)} | {bw} | {_fmt(r.extra.get('img_per_s'), 4)} | "
+                     f"{_fmt(r.peak_mem_mb, 4)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +262,7 @@ def plot_results(results: list[Result], info: dict, out_dir: str) -> dict[str, s
             groups.setdefault(key, []).append(r)
     paths = {}
     for (op, variant, mode, dtype, dim), rows in groups.items():
-        if len({r.shape["N"] for r in rows}) < 2:
+        if any("N" not in r.shape for r in rows) or len({r.shape["N"] for r in rows}) < 2:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for provider in sorted({r.provider for r in rows}):

@@ -15,12 +15,12 @@ import sys
 
 import torch
 
-from benchmarks import bench_synergistic_attention, bench_topology_kl_loss
+from benchmarks import bench_model, bench_synergistic_attention, bench_topology_kl_loss
 from benchmarks.common import copy_bandwidth_gbps, measure, provenance, write_results
 
 log = logging.getLogger("benchmarks")
 
-OPS = {bench_synergistic_attention.OP: bench_synergistic_attention, bench_topology_kl_loss.OP: bench_topology_kl_loss}
+OPS = {module.OP: module for module in (bench_synergistic_attention, bench_topology_kl_loss, bench_model)}
 
 
 def shape_set(name: str) -> list[dict]:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.smoke:
         log.error("no CUDA device: benchmarks need a GPU (use --smoke to check the harness on CPU)")
         return 2
-    shapes = shape_set("smoke" if args.smoke else args.shapes)
+    shape_name = "smoke" if args.smoke else args.shapes
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
     info = provenance(device, argv if argv is not None else sys.argv[1:])
     info["copy_gbps"] = copy_bandwidth_gbps(device)
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
         modes = [m for m in (args.modes or module.MODES) if m in module.MODES]
         providers = [p for p in (args.providers or module.PROVIDERS) if p in module.PROVIDERS]
         variants = [v for v in (args.variants or module.VARIANTS) if v in module.VARIANTS]
+        # Ops with their own shapes (the model level) name them; the attention ops share one set.
+        shapes = module.shape_set(shape_name) if hasattr(module, "shape_set") else shape_set(shape_name)
         all_cases += module.cases(shapes, dtype, device, providers, modes, variants)
 
     from tqdm import tqdm

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import bench_synergistic_attention, bench_topology_kl_loss
+from benchmarks import bench_model, bench_synergistic_attention, bench_topology_kl_loss
 from benchmarks.run import main
 
 
@@ -27,6 +27,7 @@ def test_every_case_is_reported_with_provenance(smoke_run):
     expected = 0
     for module in (bench_synergistic_attention, bench_topology_kl_loss):
         expected += 2 * len(module.VARIANTS) * len(module.MODES) * len(module.PROVIDERS)
+    expected += len(bench_model.VARIANTS) * len(bench_model.PROVIDERS)  # one smoke shape per variant
     assert len(rows) == expected
     with open(out / "results.csv") as f:
         assert len(list(csv.reader(f))) == expected + 1
@@ -43,9 +44,21 @@ def test_cpu_providers_are_measured_and_gpu_only_ones_skipped_with_a_reason(smok
         assert by_provider[provider] == {"skipped"}, provider
     for row in data["results"]:
         if row["status"] == "ok":
-            assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"] and row["tflops"] > 0
+            assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
+            if row["op"] == bench_model.OP:
+                assert row["extra"]["img_per_s"] == pytest.approx(row["shape"]["B"] / (row["ms_median"] / 1e3))
+            else:
+                assert row["tflops"] > 0
         else:
             assert row["reason"]
+
+
+def test_model_level_cases_run_both_providers(smoke_run):
+    _, data = smoke_run
+    rows = [r for r in data["results"] if r["op"] == bench_model.OP]
+    assert {(r["variant"], r["provider"]) for r in rows} == {(v, p) for v in bench_model.VARIANTS
+                                                             for p in bench_model.PROVIDERS}
+    assert all(r["status"] == "ok" for r in rows)
 
 
 def test_table_and_plots_are_written(smoke_run):
@@ -59,3 +72,16 @@ def test_without_gpu_and_without_smoke_exits_with_a_message(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert main(["--shapes", "muse"]) == 2
+
+
+def test_model_level_providers_compute_the_same_loss():
+    device = torch.device("cpu")
+    x = torch.randn(2, 16, 32)
+    teacher = torch.softmax(torch.randn(2, 16, 16), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(2, bench_model.TEXT_DIM), dim=-1)
+    losses = []
+    for provider in bench_model.PROVIDERS:
+        torch.manual_seed(0)
+        backend, fused = bench_model._backend(provider, device)
+        losses.append(bench_model.Connector(32, 2, 3, backend, fused)(x, teacher, text))
+    torch.testing.assert_close(losses[0], losses[1])
