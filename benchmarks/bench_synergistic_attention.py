@@ -4,7 +4,7 @@ Providers: ``eager`` (the official code's way: logits, softmax, maps materialize
 V), ``sdpa_<backend>`` (PyTorch SDPA forced to one backend; with maps, the maps are recomputed
 separately and the output is shielded by detaching q and k — what a user would otherwise do),
 ``flash_attn`` (the FlashAttention package, no maps), ``ours`` (``muse_kernels``: Triton on CUDA,
-the torch backend elsewhere) and ``cuda`` (the CUDA C++ backend, once built).
+the torch backend elsewhere) and ``cuda`` (the CUDA C++ backend, built on first use if needed).
 """
 
 from __future__ import annotations
@@ -91,16 +91,23 @@ def forward_fn(provider: str, return_attn: str | None, attn_dtype: torch.dtype,
         def run(q, k, v):
             return [flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)]
         return run
-    if provider == "ours":
-        backend = ours_backend(device)
+    if provider in ("ours", "cuda"):
+        backend = ours_backend(device) if provider == "ours" else "cuda"
+        if backend == "cuda":
+            if device.type != "cuda":
+                raise SkipCase("the CUDA C++ backend needs a CUDA device")
+            from muse_kernels.ops.synergistic_attention_cuda import load_extension
+
+            try:
+                load_extension()
+            except (RuntimeError, OSError) as err:
+                raise SkipCase(f"the CUDA C++ backend is unavailable: {err}") from None
 
         def run(q, k, v):
             out, attn = synergistic_attention(q, k, v, return_attn=return_attn, attn_dtype=attn_dtype,
                                               backend=backend)
             return [out] if attn is None else [out, attn]
         return run
-    if provider == "cuda":
-        raise SkipCase("the CUDA C++ backend is not built yet")
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 

@@ -11,6 +11,7 @@ from muse_kernels.ops.synergistic_attention import (
     synergistic_attention_triton,
     triton_interpreting,
 )
+from muse_kernels.ops.synergistic_attention_cuda import CUDA_HEAD_DIMS, synergistic_attention_cuda
 from muse_kernels.ops.topology_kl_loss import KL_REDUCTIONS, topology_kl_triton
 from muse_kernels.ops.topology_kl_loss import validate_teacher as _validate_teacher
 from muse_kernels.reference import (
@@ -63,11 +64,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' (the compiled CUDA C++ backend) is not available yet; "
-            "use backend='triton' on CUDA tensors or backend='torch'"
-        )
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' (the compiled CUDA C++ backend) needs CUDA tensors, got device {device}; "
+                         "use backend='torch' on the CPU")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
@@ -83,11 +82,18 @@ def _check_kernel_inputs(q: torch.Tensor, backend: str, teacher: torch.Tensor | 
         raise TypeError(f"q must be float32, float16 or bfloat16 for backend={backend!r}, got {q.dtype}")
     if teacher is not None and teacher.dtype not in TEACHER_DTYPES:
         raise TypeError(f"teacher must be float32 or bfloat16 for backend={backend!r}, got {teacher.dtype}")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    head_dims = CUDA_HEAD_DIMS if backend == "cuda" else SUPPORTED_HEAD_DIMS
+    if q.shape[-1] not in head_dims:
         raise ValueError(
-            f"head_dim (q.shape[-1]) must be one of {SUPPORTED_HEAD_DIMS} for backend={backend!r}, got "
+            f"head_dim (q.shape[-1]) must be one of {head_dims} for backend={backend!r}, got "
             f"{q.shape[-1]}; backend='torch' accepts any head_dim"
         )
+
+
+def _no_cuda_loss(backend: str) -> None:
+    if backend == "cuda":
+        raise NotImplementedError("the fused topology loss has no CUDA C++ kernel yet: use backend='triton' "
+                                  "(or backend='cuda' with return_attn and the loss on the maps)")
 
 
 def _last_dim_contiguous(*tensors: torch.Tensor | None):
@@ -158,6 +164,7 @@ def topology_kl_loss(
         if validate:
             _validate_teacher(teacher)
         return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps)
+    _no_cuda_loss(resolved)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, teacher = _last_dim_contiguous(q, k, teacher)
     return topology_kl_triton(q, k, None, teacher, scale, reduction, eps, validate)[1]
@@ -190,7 +197,8 @@ def synergistic_attention(
         shield: True (MUSE): dV = Aᵀ·dO and dQ, dK come only from the maps' gradient (exactly zero
             when the maps are unused). False: ordinary attention gradients through both paths.
         backend: ``"triton"``, ``"torch"`` (eager reference), ``"auto"`` (Triton on CUDA, torch
-            otherwise); ``"cuda"`` is reserved for the compiled CUDA backend.
+            otherwise), ``"cuda"`` (the compiled CUDA C++ backend: head dim 64 or 128, no teacher;
+            built on first use when not prebuilt).
         teacher: if given, return the topology KL loss instead of the maps, from the same fused
             forward (see :func:`topology_kl_loss` for ``teacher``, ``kl_reduction``, ``kl_eps`` and
             ``validate_teacher``). The backward is shielded: dV from dO, dQ/dK from the KL only.
@@ -225,8 +233,11 @@ def synergistic_attention(
             _validate_teacher(teacher)
         return synergistic_attention_with_kl_reference(q, k, v, teacher, scale=scale, reduction=kl_reduction,
                                                        eps=kl_eps)
+    if teacher is not None:
+        _no_cuda_loss(resolved)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, v, teacher = _last_dim_contiguous(q, k, v, teacher)
     if teacher is not None:
         return topology_kl_triton(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
-    return synergistic_attention_triton(q, k, v, scale, return_attn, attn_dtype, shield)
+    kernel = synergistic_attention_cuda if resolved == "cuda" else synergistic_attention_triton
+    return kernel(q, k, v, scale, return_attn, attn_dtype, shield)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One batched GPU session (device machines start slowly and are lent briefly): versions, the
-# gpu-marked tests, then the benchmark suite, each step teed under $OUT. Run from the repo root:
+# One batched GPU session (device machines start slowly and are lent briefly): versions, the CUDA
+# extension build, the gpu-marked tests (CUDA backend parity and compute-sanitizer included), then
+# the benchmark suite, each step teed under $OUT. Run from the repo root:
 #     OUT=/some/dir bash scripts/gpu_session.sh [quick]
 # "quick" benchmarks only the MUSE shapes. A failing step is recorded and the next one still runs.
 set -uo pipefail
@@ -19,7 +20,9 @@ step() {
 }
 
 step versions bash -c 'nvidia-smi; git rev-parse HEAD; python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"'
-step gpu_tests python -m pytest -q -m gpu -p no:cacheprovider
+# The CUDA C++ backend, built in place for this GPU only (the tests and benchmarks then import it).
+step build_cuda bash -c 'MAX_JOBS=16 MUSE_KERNELS_CUDA_ARCHS=$(python -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())") python setup.py build_ext --inplace'
+step gpu_tests python -m pytest -q -m gpu -p no:cacheprovider -rs
 step bench_muse python -m benchmarks.run --shapes muse --out "$out/bench_muse"
 if [ "${1:-}" != "quick" ]; then
     step bench_sweep python -m benchmarks.run --shapes sweep --out "$out/bench_sweep"

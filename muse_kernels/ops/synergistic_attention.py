@@ -517,70 +517,77 @@ def synergistic_attention_backward(
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: opaque custom ops with fake implementations, so that torch.compile
 # traces through them without a graph break, and an autograd formula that routes the gradients.
+# The CUDA C++ backend registers its launchers through the same function.
 
 
-@torch.library.custom_op("muse_kernels::synergistic_attention_fwd", mutates_args=())
-def _synergistic_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, attn, lse, _ = synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)
-    # Custom ops cannot return None: "no maps" is an empty tensor.
-    return out, q.new_empty(0, dtype=attn_dtype) if attn is None else attn, lse
+def register_attention_ops(name: str, forward, backward):
+    """Custom ops ``muse_kernels::<name>_fwd`` / ``_bwd`` around launchers with the signatures
+    ``forward(q, k, v, scale, map_mode, attn_dtype) → (out, attn or None, lse)`` and
+    ``backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield) → (dq, dk, dv)``; returns
+    ``(q, k, v, scale, return_attn, attn_dtype, shield) → (out, attn or None)``."""
+
+    @torch.library.custom_op(f"muse_kernels::{name}_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype)
+        # Custom ops cannot return None: "no maps" is an empty tensor.
+        return out, q.new_empty(0, dtype=attn_dtype) if attn is None else attn, lse
+
+    @fwd_op.register_fake
+    def _(q, k, v, scale, map_mode, attn_dtype, shield):
+        bsz, heads, seq, _ = q.shape
+        if map_mode == "none":
+            attn = q.new_empty(0, dtype=attn_dtype)
+        elif map_mode == "head_mean":
+            attn = q.new_empty(bsz, seq, seq, dtype=attn_dtype)
+        else:
+            attn = q.new_empty(bsz, heads, seq, seq, dtype=attn_dtype)
+        return new_output_like(v), attn, q.new_empty(bsz, heads, seq, dtype=torch.float32)
+
+    @torch.library.custom_op(f"muse_kernels::{name}_bwd", mutates_args=())
+    def bwd_op(
+        grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        scale: float, map_mode: str, shield: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if map_mode == "none":
+            grad_attn = None
+        return tuple(backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield))
+
+    @bwd_op.register_fake
+    def _(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, map_mode, _attn_dtype, shield = inputs
+        out, _attn, lse = output
+        # Unused outputs arrive as None: "maps unused" is then known exactly, not guessed from zeros.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
+
+    def backward_formula(ctx, grad_out, grad_attn, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.map_mode, ctx.shield)
+        return dq, dk, dv, None, None, None, None
+
+    fwd_op.register_autograd(backward_formula, setup_context=setup_context)
+
+    def attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        scale: float, return_attn: str | None, attn_dtype: torch.dtype, shield: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        map_mode = "none" if return_attn is None else return_attn
+        out, attn, _lse = fwd_op(q, k, v, float(scale), map_mode, attn_dtype, shield)
+        return out, (None if return_attn is None else attn)
+
+    return attention
 
 
-@_synergistic_attention_fwd_op.register_fake
-def _(q, k, v, scale, map_mode, attn_dtype, shield):
-    bsz, heads, seq, _ = q.shape
-    if map_mode == "none":
-        attn = q.new_empty(0, dtype=attn_dtype)
-    elif map_mode == "head_mean":
-        attn = q.new_empty(bsz, seq, seq, dtype=attn_dtype)
-    else:
-        attn = q.new_empty(bsz, heads, seq, seq, dtype=attn_dtype)
-    return new_output_like(v), attn, q.new_empty(bsz, heads, seq, dtype=torch.float32)
-
-
-@torch.library.custom_op("muse_kernels::synergistic_attention_bwd", mutates_args=())
-def _synergistic_attention_bwd_op(
-    grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    scale: float, map_mode: str, shield: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if map_mode == "none":
-        grad_attn = None
-    return synergistic_attention_backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield)
-
-
-@_synergistic_attention_bwd_op.register_fake
-def _(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, map_mode, _attn_dtype, shield = inputs
-    out, _attn, lse = output
-    # Unused outputs arrive as None: "maps unused" is then known exactly, not guessed from zeros.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
-
-
-def _backward(ctx, grad_out, grad_attn, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _synergistic_attention_bwd_op(
-        grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.map_mode, ctx.shield
-    )
-    return dq, dk, dv, None, None, None, None
-
-
-_synergistic_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def synergistic_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    scale: float, return_attn: str | None, attn_dtype: torch.dtype, shield: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    map_mode = "none" if return_attn is None else return_attn
-    out, attn, _lse = _synergistic_attention_fwd_op(q, k, v, float(scale), map_mode, attn_dtype, shield)
-    return out, (None if return_attn is None else attn)
+synergistic_attention_triton = register_attention_ops(
+    "synergistic_attention",
+    lambda q, k, v, scale, map_mode, attn_dtype: synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)[:3],
+    synergistic_attention_backward,
+)

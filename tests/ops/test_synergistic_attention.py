@@ -34,7 +34,9 @@ def _run(q, k, v, *, backend, return_attn, shield, attn_dtype, grad_out, grad_at
 
 
 def check_parity(shape, dtype, device, *, return_attn, shield, maps_used=True, layout="contiguous",
-                 attn_dtype=torch.float32):
+                 attn_dtype=torch.float32, backend="triton", baseline="torch"):
+    """``backend``'s outputs, maps and gradients against the fp64 reference, with the error of the
+    ``baseline`` backend in the same dtype as the yardstick (FlashAttention rule)."""
     q, k, v = make_qkv(shape, dtype, device, layout)
     bsz, heads, seq, _ = shape
     gen = torch.Generator().manual_seed(1)
@@ -47,10 +49,10 @@ def check_parity(shape, dtype, device, *, return_attn, shield, maps_used=True, l
     grad_out = grad_out.to(device)
     grad_attn = None if grad_attn is None else grad_attn.to(device)
 
-    ours = _run(q, k, v, backend="triton", return_attn=return_attn, shield=shield, attn_dtype=attn_dtype,
+    ours = _run(q, k, v, backend=backend, return_attn=return_attn, shield=shield, attn_dtype=attn_dtype,
                 grad_out=grad_out, grad_attn=grad_attn)
-    # The eager same-dtype baseline (on the same device) keeps its maps in the dtype ours writes them in.
-    eager = _run(q, k, v, backend="torch", return_attn=return_attn, shield=shield,
+    # The same-dtype baseline (on the same device) keeps its maps in the dtype ours writes them in.
+    eager = _run(q, k, v, backend=baseline, return_attn=return_attn, shield=shield,
                  attn_dtype=attn_dtype, grad_out=grad_out, grad_attn=grad_attn)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out64, attn64 = synergistic_attention_reference(q64, k64, v64, return_attn=return_attn, shield=shield,
@@ -195,7 +197,7 @@ def _qkv(shape=(1, 2, 8, 16), dtype=torch.float32):
     (lambda: _qkv(), {"return_attn": "mean"}, ValueError, "return_attn"),
     (lambda: _qkv(), {"attn_dtype": torch.float16}, TypeError, "attn_dtype"),
     (lambda: _qkv(), {"backend": "flash"}, ValueError, "backend must be one of"),
-    (lambda: _qkv(), {"backend": "cuda"}, NotImplementedError, "backend='cuda'"),
+    (lambda: _qkv(), {"backend": "cuda"}, ValueError, "backend='cuda' .* needs CUDA tensors"),
     (lambda: _qkv(), {"scale": -1.0}, ValueError, "scale"),
     (lambda: _qkv(), {"shield": 1}, TypeError, "shield"),
 ])

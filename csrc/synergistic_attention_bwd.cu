@@ -1,0 +1,327 @@
+// Synergistic attention backward: two deterministic kernels (no atomics), as in the Triton backend.
+//
+//  * dq_kernel, one block per query block: Δ = rowsum(P ⊙ dP) (dO·O for the output path, plus one
+//    pass over the keys for the maps' gradient), stored for the other kernel, then dQ = scale·dS·K.
+//  * dkdv_kernel, one block per key block: dV = Pᵀ·dO and dK = scale·dSᵀ·Q.
+// dS = P ⊙ (dP − Δ) with dP = (maps' gradient) + (dO·Vᵀ only when the shield is off): with the shield
+// on, the output gradient never reaches Q and K.
+#include "synergistic_attention.h"
+#include "tile_ops.cuh"
+
+namespace muse {
+namespace {
+
+// Maps' gradient at (row, col) of the (b, h) slice, weighted (1/H for head-mean maps).
+__device__ __forceinline__ float grad_attn_at(const BackwardParams& p, int64_t b, int64_t h, int row, int col) {
+    const MapStrides& s = p.grad_attn_strides;
+    return p.grad_attn_weight * load_map(p.grad_attn, p.grad_attn_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
+}
+
+template <typename T, int D, int BM, int BN>
+struct DqSmem {
+    static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
+    int64_t q, dout, k, v, s, dp, ds, dq, lse, delta, bytes;
+    constexpr DqSmem() : q(0), dout(0), k(0), v(0), s(0), dp(0), ds(0), dq(0), lse(0), delta(0), bytes(0) {
+        SmemLayout layout;
+        q = layout.take(int64_t{BM} * LDT * sizeof(T));
+        dout = layout.take(int64_t{BM} * LDT * sizeof(T));
+        k = layout.take(int64_t{BN} * LDT * sizeof(T));
+        v = layout.take(int64_t{BN} * LDT * sizeof(T));
+        s = layout.take(int64_t{BM} * LDS * sizeof(float));
+        dp = layout.take(int64_t{BM} * LDS * sizeof(float));
+        ds = layout.take(int64_t{BM} * LDP * sizeof(T));
+        dq = layout.take(int64_t{BM} * LDO * sizeof(float));
+        lse = layout.take(BM * sizeof(float));
+        delta = layout.take(BM * sizeof(float));
+        bytes = layout.bytes;
+    }
+};
+
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    using Smem = DqSmem<T, D, BM, BN>;
+    constexpr Smem kSmem{};
+    static_assert(kSmem.bytes <= kMaxSmem, "dQ tiles exceed the shared-memory budget");
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
+    T* do_tile = reinterpret_cast<T*>(smem + kSmem.dout);
+    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
+    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
+    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
+    float* dprobs = reinterpret_cast<float*>(smem + kSmem.dp);
+    T* dlogits = reinterpret_cast<T*>(smem + kSmem.ds);
+    float* dq_acc = reinterpret_cast<float*>(smem + kSmem.dq);
+    float* lse = reinterpret_cast<float*>(smem + kSmem.lse);
+    float* delta = reinterpret_cast<float*>(smem + kSmem.delta);
+
+    const int seq = p.shape.seq, heads = p.shape.heads;
+    const int m_blocks = (seq + BM - 1) / BM;
+    const int64_t bh = blockIdx.x / m_blocks;
+    const int m0 = static_cast<int>(blockIdx.x % m_blocks) * BM;
+    const int64_t b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+
+    const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
+    load_rows<T, D, BM, THREADS>(q_tile, static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h,
+                                 p.q_strides.n, m0, seq);
+    if (p.out_to_qk) {
+        load_rows<T, D, BM, THREADS>(do_tile,
+                                     static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b +
+                                         h * p.grad_out_strides.h,
+                                     p.grad_out_strides.n, m0, seq);
+    }
+    zero_floats<BM, D, THREADS>(dq_acc);
+    // rowsum(P ⊙ dO·Vᵀ) = rowsum(dO ⊙ O): the output path's share of Δ without a pass over the keys.
+    const T* out = static_cast<const T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b + h * p.grad_out_strides.h;
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = m0 + r;
+        float partial = 0.f;
+        if (p.out_to_qk && row < seq) {
+            for (int d = lane; d < D; d += 32) {
+                partial += to_float(out[row * p.out_strides.n + d]) * to_float(dout[row * p.grad_out_strides.n + d]);
+            }
+        }
+        partial = warp_sum(partial);
+        if (lane == 0) {
+            delta[r] = partial;
+            lse[r] = row < seq ? p.lse[bh * seq + row] : 0.f;
+        }
+    }
+
+    if (p.has_grad_attn) {
+        for (int n0 = 0; n0 < seq; n0 += BN) {
+            __syncthreads();
+            load_rows<T, D, BN, THREADS>(k_tile, k, p.k_strides.n, n0, seq);
+            __syncthreads();
+            for (int j = 0; j < BN; j += 16) {
+                warp_mma<T, RowMajor, ColMajor>(q_tile + r0 * Smem::LDT, Smem::LDT, k_tile + j * Smem::LDT,
+                                                Smem::LDT, logits + r0 * Smem::LDS + j, Smem::LDS, D, false);
+            }
+            __syncwarp();
+            for (int r = r0; r < r0 + 16; ++r) {
+                const int row = m0 + r;
+                if (row >= seq) break;
+                float partial = 0.f;
+                for (int c = lane; c < BN && n0 + c < seq; c += 32) {
+                    const float prob = exp2f(logits[r * Smem::LDS + c] * p.qk_scale_log2 - lse[r]);
+                    partial += prob * grad_attn_at(p, b, h, row, n0 + c);
+                }
+                partial = warp_sum(partial);
+                if (lane == 0) delta[r] += partial;
+            }
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < BM; r += THREADS) {
+        if (m0 + r < seq) p.delta[bh * seq + m0 + r] = delta[r];
+    }
+
+    for (int n0 = 0; n0 < seq; n0 += BN) {
+        __syncthreads();
+        load_rows<T, D, BN, THREADS>(k_tile, k, p.k_strides.n, n0, seq);
+        if (p.out_to_qk) load_rows<T, D, BN, THREADS>(v_tile, v, p.v_strides.n, n0, seq);
+        __syncthreads();
+        for (int j = 0; j < BN; j += 16) {
+            warp_mma<T, RowMajor, ColMajor>(q_tile + r0 * Smem::LDT, Smem::LDT, k_tile + j * Smem::LDT, Smem::LDT,
+                                            logits + r0 * Smem::LDS + j, Smem::LDS, D, false);
+            if (p.out_to_qk) {
+                warp_mma<T, RowMajor, ColMajor>(do_tile + r0 * Smem::LDT, Smem::LDT, v_tile + j * Smem::LDT,
+                                                Smem::LDT, dprobs + r0 * Smem::LDS + j, Smem::LDS, D, false);
+            }
+        }
+        __syncwarp();
+        for (int r = r0; r < r0 + 16; ++r) {
+            const int row = m0 + r;
+            for (int c = lane; c < BN; c += 32) {
+                const int col = n0 + c;
+                float ds = 0.f;
+                if (row < seq && col < seq) {
+                    const float prob = exp2f(logits[r * Smem::LDS + c] * p.qk_scale_log2 - lse[r]);
+                    float dp = p.out_to_qk ? dprobs[r * Smem::LDS + c] : 0.f;
+                    if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
+                    ds = prob * (dp - delta[r]);
+                }
+                dlogits[r * Smem::LDP + c] = from_float<T>(ds);
+            }
+        }
+        __syncwarp();
+        for (int j = 0; j < D; j += 16) {
+            warp_mma<T, RowMajor, RowMajor>(dlogits + r0 * Smem::LDP, Smem::LDP, k_tile + j, Smem::LDT,
+                                            dq_acc + r0 * Smem::LDO + j, Smem::LDO, BN, true);
+        }
+    }
+    __syncwarp();
+
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_strides.b + h * p.dq_strides.h;
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = m0 + r;
+        if (row >= seq) break;
+        for (int d = lane; d < D; d += 32) {
+            dq[row * p.dq_strides.n + d] = from_float<T>(dq_acc[r * Smem::LDO + d] * p.sm_scale);
+        }
+    }
+}
+
+template <typename T, int D, int BM, int BN>
+struct DkvSmem {
+    static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BM>::kFloat, LDP = Pad<BM>::kInput, LDO = Pad<D>::kFloat;
+    int64_t k, v, q, dout, st, dpt, pt, dk, dv, lse, delta, bytes;
+    constexpr DkvSmem()
+        : k(0), v(0), q(0), dout(0), st(0), dpt(0), pt(0), dk(0), dv(0), lse(0), delta(0), bytes(0) {
+        SmemLayout layout;
+        k = layout.take(int64_t{BN} * LDT * sizeof(T));
+        v = layout.take(int64_t{BN} * LDT * sizeof(T));
+        q = layout.take(int64_t{BM} * LDT * sizeof(T));
+        dout = layout.take(int64_t{BM} * LDT * sizeof(T));
+        st = layout.take(int64_t{BN} * LDS * sizeof(float));
+        dpt = layout.take(int64_t{BN} * LDS * sizeof(float));
+        pt = layout.take(int64_t{BN} * LDP * sizeof(T));
+        dk = layout.take(int64_t{BN} * LDO * sizeof(float));
+        dv = layout.take(int64_t{BN} * LDO * sizeof(float));
+        lse = layout.take(BM * sizeof(float));
+        delta = layout.take(BM * sizeof(float));
+        bytes = layout.bytes;
+    }
+};
+
+// Warp w owns key rows [16w, 16w + 16) of the block; tiles are transposed (key rows × query columns).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams p) {
+    constexpr int THREADS = BN / 16 * 32;
+    using Smem = DkvSmem<T, D, BM, BN>;
+    constexpr Smem kSmem{};
+    static_assert(kSmem.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
+    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
+    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
+    T* do_tile = reinterpret_cast<T*>(smem + kSmem.dout);
+    float* probs_t = reinterpret_cast<float*>(smem + kSmem.st);
+    float* dprobs_t = reinterpret_cast<float*>(smem + kSmem.dpt);
+    T* operand_t = reinterpret_cast<T*>(smem + kSmem.pt);  // Pᵀ for dV, then dSᵀ for dK
+    float* dk_acc = reinterpret_cast<float*>(smem + kSmem.dk);
+    float* dv_acc = reinterpret_cast<float*>(smem + kSmem.dv);
+    float* lse = reinterpret_cast<float*>(smem + kSmem.lse);
+    float* delta = reinterpret_cast<float*>(smem + kSmem.delta);
+
+    const int seq = p.shape.seq, heads = p.shape.heads;
+    const int n_blocks = (seq + BN - 1) / BN;
+    const int64_t bh = blockIdx.x / n_blocks;
+    const int n0 = static_cast<int>(blockIdx.x % n_blocks) * BN;
+    const int64_t b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const bool need_dout = p.compute_dv || p.out_to_qk;
+
+    load_rows<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
+                                 p.k_strides.n, n0, seq);
+    if (p.out_to_qk) {
+        load_rows<T, D, BN, THREADS>(v_tile, static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h,
+                                     p.v_strides.n, n0, seq);
+    }
+    zero_floats<BN, D, THREADS>(dk_acc);
+    zero_floats<BN, D, THREADS>(dv_acc);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b + h * p.grad_out_strides.h;
+
+    for (int m0 = 0; m0 < seq; m0 += BM) {
+        __syncthreads();
+        load_rows<T, D, BM, THREADS>(q_tile, q, p.q_strides.n, m0, seq);
+        if (need_dout) load_rows<T, D, BM, THREADS>(do_tile, dout, p.grad_out_strides.n, m0, seq);
+        for (int c = threadIdx.x; c < BM; c += THREADS) {
+            const int row = m0 + c;
+            // +inf for padded query rows makes their probabilities exactly 0.
+            lse[c] = row < seq ? p.lse[bh * seq + row] : INFINITY;
+            delta[c] = row < seq && p.compute_dqk ? p.delta[bh * seq + row] : 0.f;
+        }
+        __syncthreads();
+        for (int j = 0; j < BM; j += 16) {
+            warp_mma<T, RowMajor, ColMajor>(k_tile + r0 * Smem::LDT, Smem::LDT, q_tile + j * Smem::LDT, Smem::LDT,
+                                            probs_t + r0 * Smem::LDS + j, Smem::LDS, D, false);
+            if (p.out_to_qk) {
+                warp_mma<T, RowMajor, ColMajor>(v_tile + r0 * Smem::LDT, Smem::LDT, do_tile + j * Smem::LDT,
+                                                Smem::LDT, dprobs_t + r0 * Smem::LDS + j, Smem::LDS, D, false);
+            }
+        }
+        __syncwarp();
+        for (int r = r0; r < r0 + 16; ++r) {
+            const bool key_ok = n0 + r < seq;
+            for (int c = lane; c < BM; c += 32) {
+                const float prob =
+                    key_ok ? exp2f(probs_t[r * Smem::LDS + c] * p.qk_scale_log2 - lse[c]) : 0.f;
+                probs_t[r * Smem::LDS + c] = prob;
+                operand_t[r * Smem::LDP + c] = from_float<T>(prob);
+            }
+        }
+        __syncwarp();
+        if (p.compute_dv) {
+            for (int j = 0; j < D; j += 16) {
+                warp_mma<T, RowMajor, RowMajor>(operand_t + r0 * Smem::LDP, Smem::LDP, do_tile + j, Smem::LDT,
+                                                dv_acc + r0 * Smem::LDO + j, Smem::LDO, BM, true);
+            }
+            __syncwarp();
+        }
+        if (p.compute_dqk) {
+            for (int r = r0; r < r0 + 16; ++r) {
+                const int col = n0 + r;
+                for (int c = lane; c < BM; c += 32) {
+                    const int row = m0 + c;
+                    float ds = 0.f;
+                    if (row < seq && col < seq) {
+                        float dp = p.out_to_qk ? dprobs_t[r * Smem::LDS + c] : 0.f;
+                        if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
+                        ds = probs_t[r * Smem::LDS + c] * (dp - delta[c]);
+                    }
+                    operand_t[r * Smem::LDP + c] = from_float<T>(ds);
+                }
+            }
+            __syncwarp();
+            for (int j = 0; j < D; j += 16) {
+                warp_mma<T, RowMajor, RowMajor>(operand_t + r0 * Smem::LDP, Smem::LDP, q_tile + j, Smem::LDT,
+                                                dk_acc + r0 * Smem::LDO + j, Smem::LDO, BM, true);
+            }
+            __syncwarp();
+        }
+    }
+
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_strides.b + h * p.dk_strides.h;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_strides.b + h * p.dv_strides.h;
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = n0 + r;
+        if (row >= seq) break;
+        for (int d = lane; d < D; d += 32) {
+            if (p.compute_dqk) dk[row * p.dk_strides.n + d] = from_float<T>(dk_acc[r * Smem::LDO + d] * p.sm_scale);
+            if (p.compute_dv) dv[row * p.dv_strides.n + d] = from_float<T>(dv_acc[r * Smem::LDO + d]);
+        }
+    }
+}
+
+template <typename T, int D>
+struct BackwardOp {
+    static cudaError_t run(const BackwardParams& p, cudaStream_t stream) {
+        const int64_t bh = int64_t{p.shape.batch} * p.shape.heads;
+        if (p.compute_dqk) {
+            constexpr int BM = Blocks<T, D>::kDqM, BN = Blocks<T, D>::kDqN;
+            constexpr DqSmem<T, D, BM, BN> smem{};
+            const cudaError_t err = launch(dq_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BM - 1) / BM),
+                                           BM / 16 * 32, smem.bytes, stream, p);
+            if (err != cudaSuccess) return err;
+        }
+        constexpr int BM = Blocks<T, D>::kDkvM, BN = Blocks<T, D>::kDkvN;
+        constexpr DkvSmem<T, D, BM, BN> smem{};
+        return launch(dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32, smem.bytes,
+                      stream, p);
+    }
+};
+
+}  // namespace
+
+cudaError_t synergistic_attention_backward(const BackwardParams& params, cudaStream_t stream) {
+    if (!supported_head_dim(params.shape.head_dim) || params.shape.seq < 1) return cudaErrorInvalidValue;
+    if (!params.compute_dqk && !params.compute_dv) return cudaSuccess;
+    return dispatch<BackwardOp>(params, stream);
+}
+
+}  // namespace muse

@@ -1,0 +1,239 @@
+// Synergistic attention forward: output and row log-sum-exp (flash-style online softmax), and the
+// normalized maps (per head, or averaged over heads inside one block: no atomics, and the
+// (B, H, N, N) tensor never exists for head-mean maps).
+#include "synergistic_attention.h"
+#include "tile_ops.cuh"
+
+namespace muse {
+namespace {
+
+template <typename T, int D, int BM, int BN>
+struct ForwardSmem {
+    static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
+    int64_t q, k, v, s, p, o, row_max, row_sum, bytes;
+    constexpr ForwardSmem() : q(0), k(0), v(0), s(0), p(0), o(0), row_max(0), row_sum(0), bytes(0) {
+        SmemLayout layout;
+        q = layout.take(int64_t{BM} * LDT * sizeof(T));
+        k = layout.take(int64_t{BN} * LDT * sizeof(T));
+        v = layout.take(int64_t{BN} * LDT * sizeof(T));
+        s = layout.take(int64_t{BM} * LDS * sizeof(float));
+        p = layout.take(int64_t{BM} * LDP * sizeof(T));
+        o = layout.take(int64_t{BM} * LDO * sizeof(float));
+        row_max = layout.take(BM * sizeof(float));
+        row_sum = layout.take(BM * sizeof(float));
+        bytes = layout.bytes;
+    }
+};
+
+// One block per (batch·head, query block); warp w owns query rows [16w, 16w + 16).
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    using Smem = ForwardSmem<T, D, BM, BN>;
+    constexpr Smem kSmem{};
+    static_assert(kSmem.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
+    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
+    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
+    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
+    T* probs = reinterpret_cast<T*>(smem + kSmem.p);
+    float* acc = reinterpret_cast<float*>(smem + kSmem.o);
+    float* row_max = reinterpret_cast<float*>(smem + kSmem.row_max);
+    float* row_sum = reinterpret_cast<float*>(smem + kSmem.row_sum);
+
+    const int seq = p.shape.seq, heads = p.shape.heads;
+    const int m_blocks = (seq + BM - 1) / BM;
+    const int64_t bh = blockIdx.x / m_blocks;
+    const int m0 = static_cast<int>(blockIdx.x % m_blocks) * BM;
+    const int64_t b = bh / heads, h = bh % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
+    load_rows<T, D, BM, THREADS>(q_tile, q, p.q_strides.n, m0, seq);
+    zero_floats<BM, D, THREADS>(acc);
+    for (int r = threadIdx.x; r < BM; r += THREADS) {
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0.f;
+    }
+
+    for (int n0 = 0; n0 < seq; n0 += BN) {
+        __syncthreads();  // the previous tiles are no longer read
+        load_rows<T, D, BN, THREADS>(k_tile, k, p.k_strides.n, n0, seq);
+        load_rows<T, D, BN, THREADS>(v_tile, v, p.v_strides.n, n0, seq);
+        __syncthreads();
+        for (int j = 0; j < BN; j += 16) {
+            warp_mma<T, RowMajor, ColMajor>(q_tile + r0 * Smem::LDT, Smem::LDT, k_tile + j * Smem::LDT, Smem::LDT,
+                                            logits + r0 * Smem::LDS + j, Smem::LDS, D, false);
+        }
+        __syncwarp();
+        for (int r = r0; r < r0 + 16; ++r) {
+            float s[BN / 32];
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < BN / 32; ++i) {
+                const int c = lane + 32 * i;
+                s[i] = n0 + c < seq ? logits[r * Smem::LDS + c] * p.qk_scale_log2 : -INFINITY;
+                tile_max = fmaxf(tile_max, s[i]);
+            }
+            // Column n0 is a real key, so the new maximum is finite from the first tile on.
+            const float old_max = row_max[r];
+            const float new_max = fmaxf(old_max, warp_max(tile_max));
+            const float alpha = exp2f(old_max - new_max);
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < BN / 32; ++i) {
+                const float e = exp2f(s[i] - new_max);
+                probs[r * Smem::LDP + lane + 32 * i] = from_float<T>(e);
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            for (int d = lane; d < D; d += 32) acc[r * Smem::LDO + d] *= alpha;
+            __syncwarp();  // every lane has read row_max[r] before it changes
+            if (lane == 0) {
+                row_max[r] = new_max;
+                row_sum[r] = row_sum[r] * alpha + sum;
+            }
+        }
+        __syncwarp();
+        for (int j = 0; j < D; j += 16) {
+            warp_mma<T, RowMajor, RowMajor>(probs + r0 * Smem::LDP, Smem::LDP, v_tile + j, Smem::LDT,
+                                            acc + r0 * Smem::LDO + j, Smem::LDO, BN, true);
+        }
+    }
+    __syncwarp();
+
+    T* out = static_cast<T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h;
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = m0 + r;
+        if (row >= seq) break;
+        const float total = row_sum[r];
+        if (lane == 0) p.lse[bh * seq + row] = row_max[r] + log2f(total);
+        const float inv = 1.f / total;
+        for (int d = lane; d < D; d += 32) {
+            out[static_cast<int64_t>(row) * p.out_strides.n + d] = from_float<T>(acc[r * Smem::LDO + d] * inv);
+        }
+    }
+}
+
+template <typename T, int D, int BM, int BN>
+struct MapsSmem {
+    static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat;
+    int64_t q, k, s, acc, bytes;
+    constexpr MapsSmem() : q(0), k(0), s(0), acc(0), bytes(0) {
+        SmemLayout layout;
+        q = layout.take(int64_t{BM} * LDT * sizeof(T));
+        k = layout.take(int64_t{BN} * LDT * sizeof(T));
+        s = layout.take(int64_t{BM} * LDS * sizeof(float));
+        acc = layout.take(int64_t{BM} * LDS * sizeof(float));
+        bytes = layout.bytes;
+    }
+};
+
+// One block per (map, query block, key block): P = exp2(s − lse2), summed over the heads for a
+// head-mean map.
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    using Smem = MapsSmem<T, D, BM, BN>;
+    constexpr Smem kSmem{};
+    static_assert(kSmem.bytes <= kMaxSmem, "maps tiles exceed the shared-memory budget");
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
+    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
+    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
+    float* acc = reinterpret_cast<float*>(smem + kSmem.acc);
+
+    const int seq = p.shape.seq, heads = p.shape.heads;
+    const int m_blocks = (seq + BM - 1) / BM, n_blocks = (seq + BN - 1) / BN;
+    const int64_t tiles = int64_t{m_blocks} * n_blocks;
+    const int64_t map = blockIdx.x / tiles;
+    const int64_t tile = blockIdx.x % tiles;
+    const int m0 = static_cast<int>(tile / n_blocks) * BM, n0 = static_cast<int>(tile % n_blocks) * BN;
+    const int64_t b = p.head_mean ? map : map / heads;
+    const int first_head = p.head_mean ? 0 : static_cast<int>(map % heads);
+    const int num_heads = p.head_mean ? heads : 1;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+
+    zero_floats<BM, BN, THREADS>(acc);
+    for (int step = 0; step < num_heads; ++step) {
+        const int64_t h = first_head + step;
+        __syncthreads();
+        load_rows<T, D, BM, THREADS>(q_tile, static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h,
+                                     p.q_strides.n, m0, seq);
+        load_rows<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
+                                     p.k_strides.n, n0, seq);
+        __syncthreads();
+        for (int j = 0; j < BN; j += 16) {
+            warp_mma<T, RowMajor, ColMajor>(q_tile + r0 * Smem::LDT, Smem::LDT, k_tile + j * Smem::LDT, Smem::LDT,
+                                            logits + r0 * Smem::LDS + j, Smem::LDS, D, false);
+        }
+        __syncwarp();
+        const float* lse = p.lse + (b * heads + h) * seq;
+        for (int r = r0; r < r0 + 16; ++r) {
+            const int row = m0 + r;
+            if (row >= seq) break;
+            const float row_lse = lse[row];
+            for (int c = lane; c < BN; c += 32) {
+                acc[r * Smem::LDS + c] += exp2f(logits[r * Smem::LDS + c] * p.qk_scale_log2 - row_lse);
+            }
+        }
+    }
+    __syncwarp();
+
+    const float weight = p.head_mean ? 1.f / heads : 1.f;
+    const int64_t base = b * p.attn_strides.b + (p.head_mean ? 0 : first_head * p.attn_strides.h);
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = m0 + r;
+        if (row >= seq) break;
+        for (int c = lane; c < BN && n0 + c < seq; c += 32) {
+            store_map(p.attn, p.attn_dtype, base + row * p.attn_strides.m + (n0 + c) * p.attn_strides.n,
+                      acc[r * Smem::LDS + c] * weight);
+        }
+    }
+}
+
+template <typename T, int D>
+cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
+    constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
+    constexpr ForwardSmem<T, D, BM, BN> smem{};
+    const int64_t blocks = int64_t{p.shape.batch} * p.shape.heads * ((p.shape.seq + BM - 1) / BM);
+    return launch(forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, smem.bytes, stream, p);
+}
+
+template <typename T, int D>
+cudaError_t maps_typed(const MapsParams& p, cudaStream_t stream) {
+    constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
+    constexpr MapsSmem<T, D, BM, BN> smem{};
+    const int64_t maps = int64_t{p.shape.batch} * (p.head_mean ? 1 : p.shape.heads);
+    const int64_t blocks = maps * ((p.shape.seq + BM - 1) / BM) * ((p.shape.seq + BN - 1) / BN);
+    return launch(maps_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, smem.bytes, stream, p);
+}
+
+template <typename T, int D>
+struct ForwardOp {
+    static cudaError_t run(const ForwardParams& p, cudaStream_t s) { return forward_typed<T, D>(p, s); }
+};
+
+template <typename T, int D>
+struct MapsOp {
+    static cudaError_t run(const MapsParams& p, cudaStream_t s) { return maps_typed<T, D>(p, s); }
+};
+
+}  // namespace
+
+bool supported_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t synergistic_attention_forward(const ForwardParams& params, cudaStream_t stream) {
+    if (!supported_head_dim(params.shape.head_dim) || params.shape.seq < 1) return cudaErrorInvalidValue;
+    return dispatch<ForwardOp>(params, stream);
+}
+
+cudaError_t synergistic_attention_maps(const MapsParams& params, cudaStream_t stream) {
+    if (!supported_head_dim(params.shape.head_dim) || params.shape.seq < 1) return cudaErrorInvalidValue;
+    return dispatch<MapsOp>(params, stream);
+}
+
+}  // namespace muse
