@@ -20,47 +20,35 @@ __device__ __forceinline__ float grad_attn_at(const BackwardParams& p, int64_t b
 template <typename T, int D, int BM, int BN>
 struct DqSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
-    int64_t q, dout, k, v, s, dp, ds, dq, lse, delta, bytes;
-    constexpr DqSmem() : q(0), dout(0), k(0), v(0), s(0), dp(0), ds(0), dq(0), lse(0), delta(0), bytes(0) {
-        SmemLayout layout;
-        q = layout.take(int64_t{BM} * LDT * sizeof(T));
-        dout = layout.take(int64_t{BM} * LDT * sizeof(T));
-        k = layout.take(int64_t{BN} * LDT * sizeof(T));
-        v = layout.take(int64_t{BN} * LDT * sizeof(T));
-        s = layout.take(int64_t{BM} * LDS * sizeof(float));
-        dp = layout.take(int64_t{BM} * LDS * sizeof(float));
-        ds = layout.take(int64_t{BM} * LDP * sizeof(T));
-        dq = layout.take(int64_t{BM} * LDO * sizeof(float));
-        lse = layout.take(BM * sizeof(float));
-        delta = layout.take(BM * sizeof(float));
-        bytes = layout.bytes;
-    }
+    enum { kQ, kDout, kK, kV, kLogits, kDprobs, kDlogits, kDq, kLse, kDelta };
+    static constexpr Carving<10> kCarving = carve(
+        {tile_bytes<T>(BM, LDT), tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT),
+         tile_bytes<float>(BM, LDS), tile_bytes<float>(BM, LDS), tile_bytes<T>(BM, LDP), tile_bytes<float>(BM, LDO),
+         tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1)});
+    static_assert(kCarving.bytes <= kMaxSmem, "dQ tiles exceed the shared-memory budget");
 };
 
 template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = DqSmem<T, D, BM, BN>;
-    constexpr Smem kSmem{};
-    static_assert(kSmem.bytes <= kMaxSmem, "dQ tiles exceed the shared-memory budget");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
-    T* do_tile = reinterpret_cast<T*>(smem + kSmem.dout);
-    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
-    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
-    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
-    float* dprobs = reinterpret_cast<float*>(smem + kSmem.dp);
-    T* dlogits = reinterpret_cast<T*>(smem + kSmem.ds);
-    float* dq_acc = reinterpret_cast<float*>(smem + kSmem.dq);
-    float* lse = reinterpret_cast<float*>(smem + kSmem.lse);
-    float* delta = reinterpret_cast<float*>(smem + kSmem.delta);
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
+    T* do_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDout]);
+    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
+    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
+    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
+    float* dprobs = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDprobs]);
+    T* dlogits = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDlogits]);
+    float* dq_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDq]);
+    float* lse = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLse]);
+    float* delta = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDelta]);
 
-    const int seq = p.shape.seq, heads = p.shape.heads;
-    const int m_blocks = (seq + BM - 1) / BM;
-    const int64_t bh = blockIdx.x / m_blocks;
-    const int m0 = static_cast<int>(blockIdx.x % m_blocks) * BM;
-    const int64_t b = bh / heads, h = bh % heads;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BM);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int m0 = place.first, lane = place.lane, r0 = place.band;
 
     const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
     const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
@@ -168,23 +156,12 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
 template <typename T, int D, int BM, int BN>
 struct DkvSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BM>::kFloat, LDP = Pad<BM>::kInput, LDO = Pad<D>::kFloat;
-    int64_t k, v, q, dout, st, dpt, pt, dk, dv, lse, delta, bytes;
-    constexpr DkvSmem()
-        : k(0), v(0), q(0), dout(0), st(0), dpt(0), pt(0), dk(0), dv(0), lse(0), delta(0), bytes(0) {
-        SmemLayout layout;
-        k = layout.take(int64_t{BN} * LDT * sizeof(T));
-        v = layout.take(int64_t{BN} * LDT * sizeof(T));
-        q = layout.take(int64_t{BM} * LDT * sizeof(T));
-        dout = layout.take(int64_t{BM} * LDT * sizeof(T));
-        st = layout.take(int64_t{BN} * LDS * sizeof(float));
-        dpt = layout.take(int64_t{BN} * LDS * sizeof(float));
-        pt = layout.take(int64_t{BN} * LDP * sizeof(T));
-        dk = layout.take(int64_t{BN} * LDO * sizeof(float));
-        dv = layout.take(int64_t{BN} * LDO * sizeof(float));
-        lse = layout.take(BM * sizeof(float));
-        delta = layout.take(BM * sizeof(float));
-        bytes = layout.bytes;
-    }
+    enum { kK, kV, kQ, kDout, kProbsT, kDprobsT, kOperandT, kDk, kDv, kLse, kDelta };
+    static constexpr Carving<11> kCarving = carve(
+        {tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BM, LDT), tile_bytes<T>(BM, LDT),
+         tile_bytes<float>(BN, LDS), tile_bytes<float>(BN, LDS), tile_bytes<T>(BN, LDP), tile_bytes<float>(BN, LDO),
+         tile_bytes<float>(BN, LDO), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1)});
+    static_assert(kCarving.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
 };
 
 // Warp w owns key rows [16w, 16w + 16) of the block; tiles are transposed (key rows × query columns).
@@ -192,27 +169,24 @@ template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams p) {
     constexpr int THREADS = BN / 16 * 32;
     using Smem = DkvSmem<T, D, BM, BN>;
-    constexpr Smem kSmem{};
-    static_assert(kSmem.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
-    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
-    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
-    T* do_tile = reinterpret_cast<T*>(smem + kSmem.dout);
-    float* probs_t = reinterpret_cast<float*>(smem + kSmem.st);
-    float* dprobs_t = reinterpret_cast<float*>(smem + kSmem.dpt);
-    T* operand_t = reinterpret_cast<T*>(smem + kSmem.pt);  // Pᵀ for dV, then dSᵀ for dK
-    float* dk_acc = reinterpret_cast<float*>(smem + kSmem.dk);
-    float* dv_acc = reinterpret_cast<float*>(smem + kSmem.dv);
-    float* lse = reinterpret_cast<float*>(smem + kSmem.lse);
-    float* delta = reinterpret_cast<float*>(smem + kSmem.delta);
+    constexpr auto kAt = Smem::kCarving;
+    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
+    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
+    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
+    T* do_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDout]);
+    float* probs_t = reinterpret_cast<float*>(smem + kAt.offset[Smem::kProbsT]);
+    float* dprobs_t = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDprobsT]);
+    T* operand_t = reinterpret_cast<T*>(smem + kAt.offset[Smem::kOperandT]);  // Pᵀ for dV, then dSᵀ for dK
+    float* dk_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDk]);
+    float* dv_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDv]);
+    float* lse = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLse]);
+    float* delta = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDelta]);
 
-    const int seq = p.shape.seq, heads = p.shape.heads;
-    const int n_blocks = (seq + BN - 1) / BN;
-    const int64_t bh = blockIdx.x / n_blocks;
-    const int n0 = static_cast<int>(blockIdx.x % n_blocks) * BN;
-    const int64_t b = bh / heads, h = bh % heads;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BN);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int n0 = place.first, lane = place.lane, r0 = place.band;
     const bool need_dout = p.compute_dv || p.out_to_qk;
 
     load_rows<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
@@ -304,15 +278,13 @@ struct BackwardOp {
         const int64_t bh = int64_t{p.shape.batch} * p.shape.heads;
         if (p.compute_dqk) {
             constexpr int BM = Blocks<T, D>::kDqM, BN = Blocks<T, D>::kDqN;
-            constexpr DqSmem<T, D, BM, BN> smem{};
             const cudaError_t err = launch(dq_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BM - 1) / BM),
-                                           BM / 16 * 32, smem.bytes, stream, p);
+                                           BM / 16 * 32, DqSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
             if (err != cudaSuccess) return err;
         }
         constexpr int BM = Blocks<T, D>::kDkvM, BN = Blocks<T, D>::kDkvN;
-        constexpr DkvSmem<T, D, BM, BN> smem{};
-        return launch(dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32, smem.bytes,
-                      stream, p);
+        return launch(dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32,
+                      DkvSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
     }
 };
 

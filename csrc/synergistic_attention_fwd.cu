@@ -10,19 +10,12 @@ namespace {
 template <typename T, int D, int BM, int BN>
 struct ForwardSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
-    int64_t q, k, v, s, p, o, row_max, row_sum, bytes;
-    constexpr ForwardSmem() : q(0), k(0), v(0), s(0), p(0), o(0), row_max(0), row_sum(0), bytes(0) {
-        SmemLayout layout;
-        q = layout.take(int64_t{BM} * LDT * sizeof(T));
-        k = layout.take(int64_t{BN} * LDT * sizeof(T));
-        v = layout.take(int64_t{BN} * LDT * sizeof(T));
-        s = layout.take(int64_t{BM} * LDS * sizeof(float));
-        p = layout.take(int64_t{BM} * LDP * sizeof(T));
-        o = layout.take(int64_t{BM} * LDO * sizeof(float));
-        row_max = layout.take(BM * sizeof(float));
-        row_sum = layout.take(BM * sizeof(float));
-        bytes = layout.bytes;
-    }
+    enum { kQ, kK, kV, kLogits, kProbs, kAcc, kRowMax, kRowSum };
+    static constexpr Carving<8> kCarving = carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT),
+                                                  tile_bytes<float>(BM, LDS), tile_bytes<T>(BM, LDP),
+                                                  tile_bytes<float>(BM, LDO), tile_bytes<float>(BM, 1),
+                                                  tile_bytes<float>(BM, 1)});
+    static_assert(kCarving.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
 };
 
 // One block per (batch·head, query block); warp w owns query rows [16w, 16w + 16).
@@ -30,24 +23,21 @@ template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = ForwardSmem<T, D, BM, BN>;
-    constexpr Smem kSmem{};
-    static_assert(kSmem.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
-    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
-    T* v_tile = reinterpret_cast<T*>(smem + kSmem.v);
-    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
-    T* probs = reinterpret_cast<T*>(smem + kSmem.p);
-    float* acc = reinterpret_cast<float*>(smem + kSmem.o);
-    float* row_max = reinterpret_cast<float*>(smem + kSmem.row_max);
-    float* row_sum = reinterpret_cast<float*>(smem + kSmem.row_sum);
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
+    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
+    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
+    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
+    T* probs = reinterpret_cast<T*>(smem + kAt.offset[Smem::kProbs]);
+    float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
+    float* row_max = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowMax]);
+    float* row_sum = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowSum]);
 
-    const int seq = p.shape.seq, heads = p.shape.heads;
-    const int m_blocks = (seq + BM - 1) / BM;
-    const int64_t bh = blockIdx.x / m_blocks;
-    const int m0 = static_cast<int>(blockIdx.x % m_blocks) * BM;
-    const int64_t b = bh / heads, h = bh % heads;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BM);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int m0 = place.first, lane = place.lane, r0 = place.band;
 
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
     const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
@@ -121,15 +111,10 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
 template <typename T, int D, int BM, int BN>
 struct MapsSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat;
-    int64_t q, k, s, acc, bytes;
-    constexpr MapsSmem() : q(0), k(0), s(0), acc(0), bytes(0) {
-        SmemLayout layout;
-        q = layout.take(int64_t{BM} * LDT * sizeof(T));
-        k = layout.take(int64_t{BN} * LDT * sizeof(T));
-        s = layout.take(int64_t{BM} * LDS * sizeof(float));
-        acc = layout.take(int64_t{BM} * LDS * sizeof(float));
-        bytes = layout.bytes;
-    }
+    enum { kQ, kK, kLogits, kAcc };
+    static constexpr Carving<4> kCarving = carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT),
+                                                  tile_bytes<float>(BM, LDS), tile_bytes<float>(BM, LDS)});
+    static_assert(kCarving.bytes <= kMaxSmem, "maps tiles exceed the shared-memory budget");
 };
 
 // One block per (map, query block, key block): P = exp2(s − lse2), summed over the heads for a
@@ -138,13 +123,12 @@ template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = MapsSmem<T, D, BM, BN>;
-    constexpr Smem kSmem{};
-    static_assert(kSmem.bytes <= kMaxSmem, "maps tiles exceed the shared-memory budget");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* q_tile = reinterpret_cast<T*>(smem + kSmem.q);
-    T* k_tile = reinterpret_cast<T*>(smem + kSmem.k);
-    float* logits = reinterpret_cast<float*>(smem + kSmem.s);
-    float* acc = reinterpret_cast<float*>(smem + kSmem.acc);
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
+    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
+    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
+    float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
 
     const int seq = p.shape.seq, heads = p.shape.heads;
     const int m_blocks = (seq + BM - 1) / BM, n_blocks = (seq + BN - 1) / BN;
@@ -198,18 +182,18 @@ __global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) 
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
     constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
-    constexpr ForwardSmem<T, D, BM, BN> smem{};
     const int64_t blocks = int64_t{p.shape.batch} * p.shape.heads * ((p.shape.seq + BM - 1) / BM);
-    return launch(forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, smem.bytes, stream, p);
+    return launch(forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, ForwardSmem<T, D, BM, BN>::kCarving.bytes,
+                  stream, p);
 }
 
 template <typename T, int D>
 cudaError_t maps_typed(const MapsParams& p, cudaStream_t stream) {
     constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
-    constexpr MapsSmem<T, D, BM, BN> smem{};
     const int64_t maps = int64_t{p.shape.batch} * (p.head_mean ? 1 : p.shape.heads);
     const int64_t blocks = maps * ((p.shape.seq + BM - 1) / BM) * ((p.shape.seq + BN - 1) / BN);
-    return launch(maps_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, smem.bytes, stream, p);
+    return launch(maps_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, MapsSmem<T, D, BM, BN>::kCarving.bytes, stream,
+                  p);
 }
 
 template <typename T, int D>

@@ -68,16 +68,49 @@ struct Pad {
 
 constexpr int64_t round_up_128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Carves a dynamic shared-memory buffer into 128-byte aligned arrays; constexpr so that the host
-// computes the same size as the kernel.
-struct SmemLayout {
-    int64_t bytes = 0;
-    constexpr int64_t take(int64_t size) {
-        const int64_t offset = bytes;
-        bytes = round_up_128(bytes + size);
-        return offset;
-    }
+// A dynamic shared-memory buffer carved into 128-byte aligned arrays of the given sizes; constexpr,
+// so that the host launches with exactly the size the kernel uses.
+template <int N>
+struct Carving {
+    int64_t offset[N];
+    int64_t bytes;
 };
+
+template <int N>
+constexpr Carving<N> carve(const int64_t (&sizes)[N]) {
+    Carving<N> carving{};
+    int64_t at = 0;
+    for (int i = 0; i < N; ++i) {
+        carving.offset[i] = at;
+        at = round_up_128(at + sizes[i]);
+    }
+    carving.bytes = at;
+    return carving;
+}
+
+template <typename T>
+constexpr int64_t tile_bytes(int rows, int ld) {
+    return int64_t{rows} * ld * static_cast<int64_t>(sizeof(T));
+}
+
+// Where a block stands: its (batch, head) slice and the first of its `block_rows` rows (query rows
+// for the forward and dQ kernels, key rows for dK/dV), and the 16-row band of this warp.
+struct BlockPlace {
+    int64_t bh, b, h;
+    int first, lane, band;
+};
+
+__device__ __forceinline__ BlockPlace block_place(int seq, int heads, int block_rows) {
+    const int blocks = (seq + block_rows - 1) / block_rows;
+    BlockPlace place;
+    place.bh = blockIdx.x / blocks;
+    place.first = static_cast<int>(blockIdx.x % blocks) * block_rows;
+    place.b = place.bh / heads;
+    place.h = place.bh % heads;
+    place.lane = threadIdx.x % 32;
+    place.band = threadIdx.x / 32 * 16;
+    return place;
+}
 
 // (ROWS × D) tile of a (B, H, N, D) tensor's (b, h) slice, rows from `first`, zero past `seq`.
 template <typename T, int D, int ROWS, int THREADS>
