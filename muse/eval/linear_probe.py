@@ -97,6 +97,16 @@ def load_feature_sets(args, pooled: bool) -> tuple[FeatureSet, FeatureSet]:
     return sets[0], sets[1]
 
 
+def save_probe(args, name: str, report: dict, head: nn.Module) -> Path:
+    """``<name>.json`` (the report, with what was probed) and ``<name>_head.pt`` under ``args.out``."""
+    report.update(feature=args.feature, config=args.config, checkpoint=args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    torch.save(head.state_dict(), out / f"{name}_head.pt")
+    return out
+
+
 def settings_from(args) -> ProbeSettings:
     return ProbeSettings(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
 
@@ -112,11 +122,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
-    report.update(feature=args.feature, config=args.config, checkpoint=args.checkpoint)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "linear_probe.json").write_text(json.dumps(report, indent=1))
-    torch.save(head.state_dict(), out / "linear_probe_head.pt")
+    save_probe(args, "linear_probe", report, head)
     log.info("linear probe (%s, %d classes): top-1 %.2f%%%s on %d images", args.feature, report["classes"],
              100 * report["top1"], f", top-5 {100 * report['top5']:.2f}%" if "top5" in report else "",
              report["val_samples"])

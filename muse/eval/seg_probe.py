@@ -11,18 +11,16 @@ ignored by default (``--ignore-index``), so its 150 classes are scored.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from muse.eval.features import FeatureSet
-from muse.eval.linear_probe import add_feature_arguments, load_feature_sets
+from muse.eval.linear_probe import add_feature_arguments, load_feature_sets, save_probe
 from muse.eval.probe import ProbeSettings, Standardize, fit
 
 log = logging.getLogger("muse.eval")
@@ -110,11 +108,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
-    report.update(feature=args.feature, config=args.config, checkpoint=args.checkpoint)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "seg_probe.json").write_text(json.dumps(report, indent=1))
-    torch.save(head.state_dict(), out / "seg_probe_head.pt")
+    save_probe(args, "seg_probe", report, head)
     log.info("segmentation probe (%s, %d classes): mIoU %.2f%%, pixel accuracy %.2f%% on %d images", args.feature,
              report["classes"], 100 * report["miou"], 100 * report["pixel_accuracy"], report["val_samples"])
     return 0

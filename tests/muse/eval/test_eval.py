@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from muse.config import load_config
 from muse.data import write_shards
 from muse.eval import grad_orthogonality
 from muse.eval.common import load_tokenizer
 from muse.eval.metrics import psnr, ssim
-from muse.models import MuseTokenizer
-from muse.training.checkpoint import save_checkpoint
 
 
 def test_psnr_of_identical_and_of_a_known_offset():
@@ -42,15 +39,11 @@ def tiny_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     write_shards(({"image": rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), "caption": f"thing {i}"}
                   for i in range(8)), root / "shards", samples_per_shard=4)
-    torch.manual_seed(0)
-    model = MuseTokenizer(load_config("tiny").model)
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
-    save_checkpoint({"ema": weights, "model": weights, "step": 1}, root / "run", 1)
     return root
 
 
-def test_orthogonality_muse_zero_on_qk_naive_not(tiny_run, tmp_path):
-    assert grad_orthogonality.main(["--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--shards",
+def test_orthogonality_muse_zero_on_qk_naive_not(tiny_run, tmp_path, tiny_checkpoint):
+    assert grad_orthogonality.main(["--config", "tiny", "--checkpoint", str(tiny_checkpoint), "--shards",
                                     str(tiny_run / "shards" / "*.tar"), "--batches", "2", "--batch-size", "4",
                                     "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "orthogonality.json").read_text())
@@ -66,16 +59,16 @@ def test_orthogonality_muse_zero_on_qk_naive_not(tiny_run, tmp_path):
     assert (tmp_path / "orthogonality.png").exists()
 
 
-def test_loading_errors_are_clear(tiny_run, tmp_path):
+def test_loading_errors_are_clear(tiny_run, tmp_path, tiny_checkpoint):
     with pytest.raises(FileNotFoundError, match="no such file, nor a run folder"):
         load_tokenizer("tiny", str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="does not fit this model"):
-        load_tokenizer("tiny", str(tiny_run / "run"), overrides=["model.dim=32"])
+        load_tokenizer("tiny", str(tiny_checkpoint), overrides=["model.dim=32"])
     assert grad_orthogonality.main(["--config", "tiny", "--checkpoint", str(tmp_path / "nope"), "--shards",
                                     str(tiny_run / "shards" / "*.tar"), "--out", str(tmp_path)]) == 2
 
 
-def test_attention_maps_tool(tiny_run, tmp_path):
+def test_attention_maps_tool(tiny_run, tmp_path, tiny_checkpoint):
     from PIL import Image
 
     from muse.eval import attention_maps
@@ -84,7 +77,7 @@ def test_attention_maps_tool(tiny_run, tmp_path):
     folder.mkdir()
     for i in range(2):
         Image.new("RGB", (50, 40), (40 * i, 100, 200)).save(folder / f"{i}.png")
-    args = ["--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--images", str(folder)]
+    args = ["--config", "tiny", "--checkpoint", str(tiny_checkpoint), "--images", str(folder)]
     assert attention_maps.main([*args, "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "attention_kl.json").read_text())
     assert [r["image"] for r in report] == ["0.png", "1.png"] and all(r["query"] == [2, 2] for r in report)
@@ -100,10 +93,10 @@ def test_attention_maps_tool(tiny_run, tmp_path):
     assert attention_maps.main(["--config", "tiny", "--images", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
 
 
-def test_attention_maps_match_the_models_own_maps(tiny_run):
+def test_attention_maps_match_the_models_own_maps(tiny_run, tiny_checkpoint):
     from muse.eval.attention_maps import attention_maps
 
-    model, _ = load_tokenizer("tiny", str(tiny_run / "run"))
+    model, _ = load_tokenizer("tiny", str(tiny_checkpoint))
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     teacher, student, grid = attention_maps(model, images)
     out = model(images, return_maps=True)  # tiny: head-mean maps, every block when maps are asked for
@@ -125,13 +118,13 @@ def test_per_image_kl_by_hand():
     assert per_head[0, 1].item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_reconstruct_tool_from_shards_and_images(tiny_run, tmp_path):
+def test_reconstruct_tool_from_shards_and_images(tiny_run, tmp_path, tiny_checkpoint):
     from PIL import Image
 
     from muse.eval.__main__ import main as muse_eval
 
     out = tmp_path / "from_shards"
-    assert muse_eval(["reconstruct", "--config", "tiny", "--checkpoint", str(tiny_run / "run"), "--shards",
+    assert muse_eval(["reconstruct", "--config", "tiny", "--checkpoint", str(tiny_checkpoint), "--shards",
                       str(tiny_run / "shards" / "*.tar"), "--metrics", "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 8 and len(list(out.glob("*_recon.png"))) == 8

@@ -14,8 +14,6 @@ from muse.eval.linear_probe import linear_probe, topk_accuracy
 from muse.eval.probe import ProbeSettings
 from muse.eval.seg_probe import seg_probe, segmentation_scores
 from muse.eval.zero_shot import class_embeddings, imagenet_class_names, read_templates, zero_shot_scores
-from muse.models import MuseTokenizer
-from muse.training.checkpoint import save_checkpoint
 
 
 def _separable(n_per_class, classes=3, dim=8, seed=0):
@@ -158,20 +156,16 @@ def labelled_run(tmp_path_factory):
             samples.append({"image": rng.integers(0, 255, (36, 40, 3), dtype=np.uint8), "caption": f"a thing {i}",
                             "cls": i % 3, "seg": labels})
         write_shards(samples, root / split, samples_per_shard=4)
-    torch.manual_seed(0)
-    model = MuseTokenizer(load_config("tiny").model)
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
-    save_checkpoint({"ema": weights, "model": weights, "step": 1}, root / "run", 1)
     return root
 
 
-def _common(root, tool, *extra):
-    return [tool, "--config", "tiny", "--checkpoint", str(root / "run"), *extra]
+def _common(checkpoint, tool, *extra):
+    return [tool, "--config", "tiny", "--checkpoint", str(checkpoint), *extra]
 
 
-def test_linear_probe_tool_end_to_end_with_cache(labelled_run, tmp_path):
+def test_linear_probe_tool_end_to_end_with_cache(labelled_run, tmp_path, tiny_checkpoint):
     root = labelled_run
-    args = _common(root, "linear-probe", "--train-shards", str(root / "train" / "*.tar"), "--val-shards",
+    args = _common(tiny_checkpoint, "linear-probe", "--train-shards", str(root / "train" / "*.tar"), "--val-shards",
                    str(root / "val" / "*.tar"), "--epochs", "5", "--cache", str(tmp_path / "cache"))
     assert muse_eval([*args, "--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "linear_probe.json").read_text())
@@ -184,9 +178,9 @@ def test_linear_probe_tool_end_to_end_with_cache(labelled_run, tmp_path):
     assert (tmp_path / "a" / "linear_probe_head.pt").exists()
 
 
-def test_seg_probe_tool_end_to_end(labelled_run, tmp_path):
+def test_seg_probe_tool_end_to_end(labelled_run, tmp_path, tiny_checkpoint):
     root = labelled_run
-    assert muse_eval(_common(root, "seg-probe", "--train-shards", str(root / "train" / "*.tar"), "--val-shards",
+    assert muse_eval(_common(tiny_checkpoint, "seg-probe", "--train-shards", str(root / "train" / "*.tar"), "--val-shards",
                              str(root / "val" / "*.tar"), "--epochs", "3", "--feature", "latents", "--out",
                              str(tmp_path))) == 0
     report = json.loads((tmp_path / "seg_probe.json").read_text())
@@ -194,25 +188,25 @@ def test_seg_probe_tool_end_to_end(labelled_run, tmp_path):
     assert set(map(int, report["per_class_iou"])) <= {1, 2}
 
 
-def test_zero_shot_tool_end_to_end(labelled_run, tmp_path):
+def test_zero_shot_tool_end_to_end(labelled_run, tmp_path, tiny_checkpoint):
     root = labelled_run
     classes = _write(tmp_path / "classes.txt", "red thing\ngreen thing\nblue thing\n")
-    assert muse_eval(_common(root, "zero-shot", "--shards", str(root / "val" / "*.tar"), "--classes", str(classes),
+    assert muse_eval(_common(tiny_checkpoint, "zero-shot", "--shards", str(root / "val" / "*.tar"), "--classes", str(classes),
                              "--out", str(tmp_path / "out"))) == 0
     report = json.loads((tmp_path / "out" / "zero_shot.json").read_text())
     assert report["images"] == 4 and report["classes"] == 3 and report["top5"] == 1.0  # 3 classes: always in top 5
     two = _write(tmp_path / "two.txt", "red\ngreen\n")  # labels go up to 2
-    assert muse_eval(_common(root, "zero-shot", "--shards", str(root / "val" / "*.tar"), "--classes", str(two),
+    assert muse_eval(_common(tiny_checkpoint, "zero-shot", "--shards", str(root / "val" / "*.tar"), "--classes", str(two),
                              "--out", str(tmp_path / "x"))) == 2
 
 
-def test_probe_tools_report_bad_input(labelled_run, tmp_path):
+def test_probe_tools_report_bad_input(labelled_run, tmp_path, tiny_checkpoint):
     root = labelled_run
     unlabelled = tmp_path / "plain"
     write_shards(({"image": np.zeros((32, 32, 3), np.uint8), "caption": ""} for _ in range(2)), unlabelled)
     args = ["--train-shards", str(unlabelled / "*.tar"), "--val-shards", str(root / "val" / "*.tar"), "--epochs", "1"]
-    assert muse_eval(_common(root, "linear-probe", *args, "--out", str(tmp_path / "l"))) == 2
-    assert muse_eval(_common(root, "seg-probe", *args, "--out", str(tmp_path / "s"))) == 2
-    assert muse_eval(_common(root, "linear-probe", "--train-shards", str(tmp_path / "none*.tar"), "--val-shards",
+    assert muse_eval(_common(tiny_checkpoint, "linear-probe", *args, "--out", str(tmp_path / "l"))) == 2
+    assert muse_eval(_common(tiny_checkpoint, "seg-probe", *args, "--out", str(tmp_path / "s"))) == 2
+    assert muse_eval(_common(tiny_checkpoint, "linear-probe", "--train-shards", str(tmp_path / "none*.tar"), "--val-shards",
                              str(root / "val" / "*.tar"), "--out", str(tmp_path / "n"))) == 2
     assert not (tmp_path / "l").exists() and not (tmp_path / "s").exists()

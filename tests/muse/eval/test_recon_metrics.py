@@ -10,12 +10,9 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from muse.config import load_config
 from muse.data import write_shards
 from muse.eval.__main__ import main as muse_eval
 from muse.eval.recon_metrics import ReconstructionMetrics, build_lpips, measure
-from muse.models import MuseTokenizer
-from muse.training.checkpoint import save_checkpoint
 
 
 class ChannelMeans(nn.Module):
@@ -90,15 +87,11 @@ def run(tmp_path_factory):
     rng = np.random.default_rng(0)
     write_shards(({"image": rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), "caption": ""} for _ in range(5)),
                  root / "shards", samples_per_shard=3)
-    torch.manual_seed(0)
-    model = MuseTokenizer(load_config("tiny").model)
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
-    save_checkpoint({"ema": weights, "model": weights, "step": 1}, root / "run", 1)
     return root
 
 
-def test_recon_metrics_tool(run, tmp_path):
-    args = ["recon-metrics", "--config", "tiny", "--checkpoint", str(run / "run"), "--shards",
+def test_recon_metrics_tool(run, tmp_path, tiny_checkpoint):
+    args = ["recon-metrics", "--config", "tiny", "--checkpoint", str(tiny_checkpoint), "--shards",
             str(run / "shards" / "*.tar"), "--batch-size", "2"]
     assert muse_eval([*args, "--skip", "lpips", "--skip", "fid", "--max-images", "4", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "recon_metrics.json").read_text())
