@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from muse.data import list_images, preprocess
+from muse.eval.common import add_device_argument
 from muse.training.analysis import heat_picture, to_uint8
 
 log = logging.getLogger("muse.eval")
@@ -31,7 +32,9 @@ MIN_TILE = 128  # tiny models' 32-pixel tiles are enlarged to be readable
 
 @torch.no_grad()
 def attention_maps(model, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
-    """(teacher maps (B, N, N), [student per-head maps (B, H, N, N) per block], token grid (h, w))."""
+    """(teacher maps (B, N, N), [student per-head maps (B, H, N, N) per block], token grid (h, w)), on
+    the CPU, from the model on its own device."""
+    images = images.to(next(model.parameters()).device)
     model._check_images(images)
     x, h, w = model._tokens(images)
     teacher = model.teacher_maps(images, (h, w))
@@ -39,8 +42,8 @@ def attention_maps(model, images: torch.Tensor) -> tuple[torch.Tensor, list[torc
     for block in model.muse_blocks:
         out = block(x, return_attn="per_head")
         x = out.x
-        student.append(out.attn.float())
-    return teacher, student, (h, w)
+        student.append(out.attn.float().cpu())
+    return teacher.cpu(), student, (h, w)
 
 
 def per_image_kl(teacher: torch.Tensor, student: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -112,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint")
     parser.add_argument("--images", required=True, help="an image file or a folder of images")
     parser.add_argument("--query", help="ROW,COL of the query token on the token grid (default: the centre)")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
         log.error("no images at %s", args.images)
         return 2
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint)
+        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
         images = torch.stack([preprocess(Image.open(f), cfg.model.image_size, torch.Generator(), train=False)
                               for f in files])
         teacher, student, grid = attention_maps(model, images)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from muse.config import Config, load_config
-from muse.models import MuseTokenizer
 from muse.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
+
+if TYPE_CHECKING:
+    from muse.models import MuseTokenizer
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the tokenizer runs (default: cuda when available)")
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -27,6 +35,8 @@ def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "e
     weights are used."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    from muse.models import MuseTokenizer  # imported on use: `--help` stays fast
+
     cfg = load_config(config, overrides)
     model = MuseTokenizer(cfg.model)
     if checkpoint is not None:

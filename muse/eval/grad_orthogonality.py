@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from muse.data import ShardStream, Source, collate, expand_shards
+from muse.eval.common import add_device_argument
 from muse.losses import reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.analysis import gradient_cosines
@@ -52,11 +53,12 @@ def measure(model: MuseTokenizer, batches, text_encoder=None, tokenize=None) -> 
     for variant in VARIANTS:
         m = variant_model(model, variant)
         results[variant] = []
+        device = next(m.parameters()).device
         for batch in batches:
-            images = batch["images"]
+            images = batch["images"].to(device)
             text = None
             if text_encoder is not None:
-                text = text_encoder(**tokenize(batch["captions"]))
+                text = text_encoder(**{k: v.to(device) for k, v in tokenize(batch["captions"]).items()})
             out = m(images, text_embeds=text)
             losses = {"rec": reconstruction_loss(out.reconstruction, images), "topo": out.loss_topo}
             if out.loss_itc is not None:
@@ -115,13 +117,14 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", required=True, help="shard pattern")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from muse.eval.common import load_tokenizer
 
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint)
+        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
         shards = expand_shards(args.shards)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     stream = ShardStream([Source(shards)], cfg.model.image_size, seed=0, train=False)
     samples = iter(stream)
     batches = [collate(list(itertools.islice(samples, args.batch_size))) for _ in range(args.batches)]
-    text_encoder = ClipTextEncoder(cfg.model.text)
+    text_encoder = ClipTextEncoder(cfg.model.text).to(args.device)
     rows = summarize(measure(model.train(), batches, text_encoder, build_tokenizer(cfg.model.text)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from muse.eval.common import add_device_argument
 from muse.eval.features import KINDS, FeatureSet, cache_key, cached_features, extract_features
 from muse.eval.probe import ProbeSettings, Standardize, fit
 
@@ -71,7 +72,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, help="at most this many training images")
     parser.add_argument("--max-val", type=int, help="at most this many validation images")
     parser.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--cache", help="folder for cached features (default: no cache)")
     parser.add_argument("--epochs", type=int, default=ProbeSettings.epochs)
     parser.add_argument("--lr", type=float, default=ProbeSettings.lr)

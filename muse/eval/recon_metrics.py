@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from muse.eval.common import add_device_argument
 from muse.eval.metrics import psnr, ssim
 
 log = logging.getLogger("muse.eval")
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                         help="torch-fidelity's pt_inception-2015-12-05 weights file (default: $MUSE_INCEPTION_WEIGHTS)")
     parser.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
     parser.add_argument("--skip", action="append", choices=("lpips", "fid"), default=[])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

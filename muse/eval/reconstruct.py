@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from muse.data import expand_shards, list_images, preprocess, read_once
+from muse.eval.common import add_device_argument
 from muse.eval.metrics import psnr, ssim
 from muse.training.analysis import to_uint8
 
@@ -31,7 +32,10 @@ log = logging.getLogger("muse.eval")
 
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    return torch.cat([model.decode(model.encode(chunk)) for chunk in images.split(batch_size)])
+    """Reconstructions (on the images' device) of images run through the model on its own device."""
+    device = next(model.parameters()).device
+    return torch.cat([model.decode(model.encode(chunk.to(device))).to(images.device)
+                      for chunk in images.split(batch_size)])
 
 
 def _load_images(args, size: int) -> tuple[list[str], torch.Tensor]:
@@ -56,13 +60,14 @@ def main(argv=None) -> int:
     source.add_argument("--shards", help="a shard pattern")
     parser.add_argument("--max-images", type=int, default=1000)
     parser.add_argument("--metrics", action="store_true", help="write metrics.json")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from muse.eval.common import load_tokenizer
 
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint)
+        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
         names, images = _load_images(args, cfg.model.image_size)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from muse.eval.common import add_device_argument
 from muse.eval.features import extract_features
 from muse.eval.linear_probe import topk_accuracy
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--templates", help="prompt templates with '{}', one per line (default: built-in)")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
