@@ -10,12 +10,13 @@ MUSE_SHAPE = dict(B=32, H=8, N=256, D=64)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("provider", ("ours", "cuda"))
 @pytest.mark.parametrize("variant", list(bsa.VARIANTS))
 @pytest.mark.parametrize("mode", bsa.MODES)
-def test_attention_ours(benchmark, variant, mode):
+def test_attention(benchmark, provider, variant, mode):
     return_attn, attn_dtype = bsa.VARIANTS[variant]
     device = torch.device("cuda")
-    step = bsa.timed_step(bsa.forward_fn("ours", return_attn, attn_dtype, device), mode, MUSE_SHAPE,
+    step = bsa.timed_step(bsa.forward_fn(provider, return_attn, attn_dtype, device), mode, MUSE_SHAPE,
                           torch.bfloat16, device)
 
     def run():
