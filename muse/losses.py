@@ -4,12 +4,17 @@ ITC, and one module that weights them and reports every term.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from muse.config import LossWeights
 from muse.models.tokenizer import itc_loss
+
+log = logging.getLogger("muse.losses")
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -83,31 +88,33 @@ def build_backbone(name: str, weights_path: str | None, layers: list[str] | None
     (e.g. ``timm:convnext_small``), returning the maps after ``layers`` (timm: its feature stages).
     """
     library, _, model_name = name.partition(":")
+    if library not in ("timm", "torchvision"):
+        raise ValueError(f"backbone name must start with 'timm:' or 'torchvision:', got {name!r}")
+    if weights_path and not Path(weights_path).is_file():
+        raise FileNotFoundError(f"{name}: weights file {weights_path!r} does not exist")
+    if not weights_path:
+        log.warning("%s has no weights file: its features are those of a random network", name)
     if library == "timm":
         try:
             import timm
         except ImportError as err:
             raise ImportError(f"{name} needs timm (and torchvision): {err}") from None
-        model = timm.create_model(model_name, pretrained=False, features_only=True)
-    elif library == "torchvision":
-        try:
-            import torchvision
-        except ImportError as err:
-            raise ImportError(f"{name} needs torchvision: {err}") from None
-        from torchvision.models.feature_extraction import create_feature_extractor
+        # timm loads the file into the whole classifier (its own key filter, strict) before it keeps
+        # the feature stages: a classification checkpoint's keys do not match the feature wrapper's.
+        return timm.create_model(model_name, pretrained=bool(weights_path), features_only=True,
+                                 pretrained_cfg_overlay={"file": weights_path} if weights_path else None)
+    try:
+        import torchvision
+    except ImportError as err:
+        raise ImportError(f"{name} needs torchvision: {err}") from None
+    from torchvision.models.feature_extraction import create_feature_extractor
 
-        if not layers:
-            raise ValueError(f"{name}: pass the layer names whose outputs are the features")
-        base = torchvision.models.get_model(model_name, weights=None)
-        if weights_path:
-            base.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        extractor = create_feature_extractor(base, return_nodes=layers)
-        return _DictToList(extractor)
-    else:
-        raise ValueError(f"backbone name must start with 'timm:' or 'torchvision:', got {name!r}")
+    if not layers:
+        raise ValueError(f"{name}: pass the layer names whose outputs are the features")
+    base = torchvision.models.get_model(model_name, weights=None)
     if weights_path:
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=False)
-    return model
+        base.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return _DictToList(create_feature_extractor(base, return_nodes=layers))
 
 
 class _DictToList(nn.Module):

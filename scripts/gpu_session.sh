@@ -23,6 +23,8 @@ step versions bash -c 'nvidia-smi; git rev-parse HEAD; python -c "import torch, 
 # The CUDA C++ backend, built in place for this GPU only (the tests and benchmarks then import it).
 step build_cuda bash -c 'MAX_JOBS=16 MUSE_KERNELS_CUDA_ARCHS=$(python -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())") python setup.py build_ext --inplace'
 step gpu_tests python -m pytest -q -m gpu -p no:cacheprovider -rs
+# Tests that need torchvision/timm, which the GPU machines have and the CPU ones cannot install.
+step optional_dep_tests python -m pytest -q -p no:cacheprovider -rs tests/muse/test_losses.py tests/muse/eval/test_recon_metrics.py
 step bench_muse python -m benchmarks.run --shapes muse --out "$out/bench_muse"
 if [ "${1:-}" != "quick" ]; then
     step bench_sweep python -m benchmarks.run --shapes sweep --out "$out/bench_sweep"

@@ -1,5 +1,6 @@
 """muse.losses: each term against a direct computation, the weighted total, the discriminator side."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -66,14 +67,46 @@ def test_l1_feature_distance():
     torch.testing.assert_close(FeatureDistance(backbone, mode="l1")(x, y), expected)
 
 
-def test_build_backbone_errors_are_clear():
+def test_build_backbone_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="must start with 'timm:' or 'torchvision:'"):
         build_backbone("vgg16", None)
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
+    with pytest.raises(FileNotFoundError, match="weights file .* does not exist"):
+        build_backbone("torchvision:vgg16", str(tmp_path / "missing.pth"), layers=["features.3"])
+    if importlib.util.find_spec("torchvision") is None:
         with pytest.raises(ImportError, match="needs torchvision"):
             build_backbone("torchvision:vgg16", None, layers=["features.3"])
+
+
+# The machines without a GPU cannot install torchvision (and so timm) for the CPU torch; these run
+# where they are installed (the GPU machines), on CPU tensors.
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed")
+def test_torchvision_backbone_loads_a_local_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    source = torchvision.models.vgg16(weights=None)
+    torch.save(source.state_dict(), tmp_path / "vgg16.pth")
+    layers = ["features.3", "features.8", "features.15", "features.22", "features.29"]
+    backbone = build_backbone("torchvision:vgg16", str(tmp_path / "vgg16.pth"), layers)
+    feats = backbone(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512, 512]
+    loaded = dict(backbone.named_parameters())
+    assert torch.equal(loaded["extractor.features.0.weight"], source.features[0].weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
+def test_timm_backbone_loads_a_classification_checkpoint(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("convnext_atto", pretrained=False)
+    torch.save(source.state_dict(), tmp_path / "convnext.pth")
+    backbone = build_backbone("timm:convnext_atto", str(tmp_path / "convnext.pth"))
+    feats = backbone(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [info["num_chs"] for info in source.feature_info]
+    # Every weight of the kept stages came from the file (a silently skipped key would stay random).
+    stem = next(v for k, v in backbone.state_dict().items() if k.endswith("weight") and "stem" in k)
+    torch.testing.assert_close(stem, source.stem[0].weight)
 
 
 def test_patchgan_hinge_and_lecam():
