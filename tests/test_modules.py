@@ -75,11 +75,10 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert not torch.isclose(scores[3, 1], scores[3, 2])
 
 
-@pytest.mark.parametrize("backend", ("triton", "torch"))
-def test_compile_fullgraph_without_graph_break(backend, device):
+def _check_compile_fullgraph(backend, device, dim):
     torch.manual_seed(0)
-    module = SynergisticAttention(32, num_heads=2, backend=backend).to(device)
-    x = torch.randn(2, 10, 32, device=device)
+    module = SynergisticAttention(dim, num_heads=2, backend=backend).to(device)
+    x = torch.randn(2, 10, dim, device=device)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     out_c, attn_c = compiled(x, return_attn="per_head")
     (out_c.sum() + attn_c.pow(2).sum()).backward()
@@ -91,6 +90,16 @@ def test_compile_fullgraph_without_graph_break(backend, device):
     torch.testing.assert_close(attn_c, attn_e)
     for name, p in module.named_parameters():
         torch.testing.assert_close(grads_c[name], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_compile_fullgraph_without_graph_break(backend, device):
+    _check_compile_fullgraph(backend, device, 32)
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_cuda_backend_gpu():
+    _check_compile_fullgraph("cuda", torch.device("cuda"), 128)  # head dim 64
 
 
 def test_bad_constructor_and_input():
