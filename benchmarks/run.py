@@ -8,6 +8,7 @@ runs the whole harness on CPU with tiny shapes in seconds: it checks the harness
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 
 from benchmarks import bench_model, bench_synergistic_attention, bench_topology_kl_loss
 from benchmarks.common import copy_bandwidth_gbps, measure, provenance, write_results
+from benchmarks.targets import check_targets, checks_as_rows, targets_markdown
 
 log = logging.getLogger("benchmarks")
 
@@ -80,6 +82,16 @@ def main(argv=None) -> int:
         results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5))
     out_dir = args.out or default_out_dir(info)
     paths = write_results(results, info, out_dir)
+    checks = check_targets(results)
+    paths["targets"] = os.path.join(out_dir, "targets.md")
+    with open(paths["targets"], "w") as f:
+        f.write(targets_markdown(checks))
+    with open(os.path.join(out_dir, "targets.json"), "w") as f:
+        json.dump({"provenance": info, "checks": checks_as_rows(checks)}, f, indent=1)
+    for check in checks:
+        if check.met is not None:
+            log.info("target %-28s %-60s %.3g (%s): %s", check.target, check.case, check.measured, check.bound,
+                     "met" if check.met else "MISSED")
     ok = sum(r.status == "ok" for r in results)
     log.info("%d cases: %d measured, %d skipped, %d out of memory", len(results), ok,
              sum(r.status == "skipped" for r in results), sum(r.status == "oom" for r in results))
