@@ -208,6 +208,10 @@ constexpr int64_t kMaxSmem = 99 * 1024;
 template <typename Kernel, typename Params>
 cudaError_t launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_bytes, cudaStream_t stream,
                    const Params& params) {
+#ifdef MUSE_CPU_EMULATION
+    // The CPU test harness (tests/ops/cuda_emulation) runs the grid with one host thread per CUDA thread.
+    return emulate_launch(kernel, blocks, threads, smem_bytes, stream, params);
+#else
     if (smem_bytes > 48 * 1024) {
         const cudaError_t err =
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
@@ -215,6 +219,7 @@ cudaError_t launch(Kernel kernel, int64_t blocks, int threads, int64_t smem_byte
     }
     kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, stream>>>(params);
     return cudaGetLastError();
+#endif
 }
 
 // Op<T, D>::run(params, stream) for the input dtype and head dim of `params`.

@@ -18,10 +18,14 @@ MODES = (None, "per_head", "head_mean")
 
 
 def _run(q, k, v, *, backend, return_attn, shield, attn_dtype, grad_out, grad_attn):
-    """Forward, then the gradients for the given upstream gradients (grad_attn None: maps unused)."""
+    """Forward, then the gradients for the given upstream gradients (grad_attn None: maps unused).
+    ``backend`` names a backend of the public API, or is an attention function with the same contract."""
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out, attn = synergistic_attention(q, k, v, return_attn=return_attn, shield=shield,
-                                      attn_dtype=attn_dtype, backend=backend)
+    if callable(backend):
+        out, attn = backend(q, k, v, q.shape[-1] ** -0.5, return_attn, attn_dtype, shield)
+    else:
+        out, attn = synergistic_attention(q, k, v, return_attn=return_attn, shield=shield,
+                                          attn_dtype=attn_dtype, backend=backend)
     outputs, grads = [out], [grad_out.to(out.dtype)]
     if grad_attn is not None:
         outputs.append(attn)

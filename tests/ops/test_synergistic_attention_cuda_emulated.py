@@ -1,0 +1,156 @@
+"""The CUDA backend's kernels and launchers, run on the CPU through the emulation harness in
+``cuda_emulation/`` (one host thread per CUDA thread, barriers for __syncthreads/__syncwarp, WMMA
+fragments as whole tiles), against the fp64 reference with the FlashAttention rule.
+
+This checks what a GPU-less machine can check of csrc/: indexing, masking, tiling, shared-memory
+carving, barrier structure and the host dispatch over every (dtype, head dim) configuration. Tensor-core
+numerics, fragment layouts and the memory model need a GPU (test_synergistic_attention_cuda.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from muse_kernels.ops.synergistic_attention import LOG2E, new_output_like, register_attention_ops
+from muse_kernels.ops.synergistic_attention_cuda import CSRC
+from test_synergistic_attention import check_parity
+
+HARNESS = Path(__file__).parent / "cuda_emulation"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", str(Path(nvcc).resolve().parents[1]) if nvcc else ""]
+    for root in filter(None, candidates):
+        if (Path(root) / "include" / "cuda_fp16.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+CUDA_INCLUDE = _cuda_include()
+pytestmark = pytest.mark.skipif(CUDA_INCLUDE is None or shutil.which("g++") is None,
+                                reason="the emulation needs g++ and the CUDA headers (cuda_fp16.h)")
+
+
+@cache
+def emulator() -> ctypes.CDLL:
+    """The emulated backend as a shared library, built once per source version (cached on disk)."""
+    sources = sorted([*CSRC.glob("*.cu"), *CSRC.glob("*.cuh"), *CSRC.glob("*.h"), *HARNESS.glob("*")])
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()[:16]
+    library = Path(tempfile.gettempdir()) / "muse_cuda_emulation" / f"emulator-{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+               "-DMUSE_CPU_EMULATION", "-include", str(HARNESS / "cpu_shim.h"), "-I", str(CSRC), "-I", str(CUDA_INCLUDE),
+               str(HARNESS / "emulator.cpp"), "-o", str(partial)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        os.replace(partial, library)
+    return ctypes.CDLL(str(library))
+
+
+def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if x is None else x.data_ptr())
+
+
+def _rows(x: torch.Tensor | None) -> list[int]:
+    return [0, 0, 0] if x is None else [x.stride(0), x.stride(1), x.stride(2)]
+
+
+def _int64s(values: list[int]):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def emulated_forward(q, k, v, scale, map_mode, attn_dtype):
+    """What bindings.cpp's `fwd` does, with the emulated launchers."""
+    bsz, heads, seq, dim = q.shape
+    out = new_output_like(v)
+    lse = torch.empty(bsz, heads, seq, dtype=torch.float32)
+    code = DTYPE_CODES[q.dtype]
+    rc = emulator().emu_forward(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse),
+                                _int64s(_rows(q) + _rows(k) + _rows(v) + _rows(out)), bsz, heads, seq, dim,
+                                ctypes.c_float(scale * LOG2E), code)
+    assert rc == 0, f"forward launch error {rc}"
+    if map_mode == "none":
+        return out, None, lse
+    head_mean = map_mode == "head_mean"
+    attn = torch.empty((bsz, seq, seq) if head_mean else (bsz, heads, seq, seq), dtype=attn_dtype)
+    map_strides = [attn.stride(0), 0, attn.stride(1), attn.stride(2)] if head_mean else list(attn.stride())
+    rc = emulator().emu_maps(_ptr(q), _ptr(k), _ptr(lse), _ptr(attn), _int64s(_rows(q) + _rows(k) + map_strides),
+                             bsz, heads, seq, dim, ctypes.c_float(scale * LOG2E), code,
+                             2 if attn_dtype == torch.bfloat16 else 0, int(head_mean))
+    assert rc == 0, f"maps launch error {rc}"
+    return out, attn, lse
+
+
+def emulated_backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield):
+    """What bindings.cpp's `bwd` does, with the emulated launchers."""
+    bsz, heads, seq, dim = q.shape
+    if grad_out is not None and grad_out.stride(3) != 1:
+        grad_out = grad_out.contiguous()
+    out_to_qk = grad_out is not None and not shield
+    has_grad_attn = grad_attn is not None
+    compute_dqk, compute_dv = out_to_qk or has_grad_attn, grad_out is not None
+    dq = torch.empty_like(q) if compute_dqk else torch.zeros_like(q)
+    dk = torch.empty_like(k) if compute_dqk else torch.zeros_like(k)
+    dv = torch.empty_like(v) if compute_dv else torch.zeros_like(v)
+    if not (compute_dqk or compute_dv):
+        return dq, dk, dv
+    head_mean = has_grad_attn and grad_attn.dim() == 3
+    if not has_grad_attn:
+        map_strides = [0, 0, 0, 0]
+    elif head_mean:
+        map_strides = [grad_attn.stride(0), 0, grad_attn.stride(1), grad_attn.stride(2)]
+    else:
+        map_strides = list(grad_attn.stride())
+    delta = torch.empty(bsz, heads, seq, dtype=torch.float32)
+    tensors = (ctypes.c_void_p * 9)(*(_ptr(x).value for x in (q, k, v, out, grad_out, grad_attn, dq, dk, dv)))
+    strides = _int64s(_rows(q) + _rows(k) + _rows(v) + _rows(out) + _rows(grad_out) + _rows(dq) + _rows(dk)
+                      + _rows(dv) + map_strides)
+    flags = (ctypes.c_int * 4)(int(out_to_qk), int(has_grad_attn), int(compute_dqk), int(compute_dv))
+    rc = emulator().emu_backward(tensors, _ptr(lse), _ptr(delta), strides, bsz, heads, seq, dim,
+                                 ctypes.c_float(scale * LOG2E), ctypes.c_float(scale),
+                                 ctypes.c_float(1.0 / heads if head_mean else 1.0), DTYPE_CODES[q.dtype],
+                                 2 if has_grad_attn and grad_attn.dtype == torch.bfloat16 else 0, flags)
+    assert rc == 0, f"backward launch error {rc}"
+    return dq, dk, dv
+
+
+emulated_attention = register_attention_ops("synergistic_attention_cuda_emulated", emulated_forward,
+                                            emulated_backward)
+CPU = torch.device("cpu")
+
+
+# Every (dtype, head dim) kernel configuration, with N = 1, a prime, N past one block and N past two.
+@pytest.mark.parametrize("dim", (64, 128))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("seq", (1, 37, 100))
+@pytest.mark.parametrize("return_attn,shield", [("per_head", False), ("head_mean", True), (None, False)])
+def test_emulated_cuda_backend_parity(dim, dtype, seq, return_attn, shield):
+    check_parity((1, 2, seq, dim), dtype, CPU, return_attn=return_attn, shield=shield, backend=emulated_attention)
+
+
+@pytest.mark.parametrize("layout,attn_dtype", [("bnhd", torch.bfloat16), ("sliced", torch.float32)])
+def test_emulated_cuda_backend_strided_inputs_and_map_dtypes(layout, attn_dtype):
+    check_parity((2, 2, 70, 64), torch.bfloat16, CPU, return_attn="per_head", shield=True, layout=layout,
+                 attn_dtype=attn_dtype, backend=emulated_attention)
+    check_parity((1, 3, 45, 128), torch.float16, CPU, return_attn="head_mean", shield=False, layout=layout,
+                 attn_dtype=attn_dtype, backend=emulated_attention)
+
+
+def test_emulated_cuda_backend_shield_gives_exact_zeros():
+    # Maps unused and shielded: only dV is computed; dQ and dK are exactly zero.
+    check_parity((1, 2, 33, 64), torch.bfloat16, CPU, return_attn="per_head", shield=True, maps_used=False,
+                 backend=emulated_attention)
