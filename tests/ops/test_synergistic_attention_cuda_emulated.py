@@ -154,3 +154,9 @@ def test_emulated_cuda_backend_shield_gives_exact_zeros():
     # Maps unused and shielded: only dV is computed; dQ and dK are exactly zero.
     check_parity((1, 2, 33, 64), torch.bfloat16, CPU, return_attn="per_head", shield=True, maps_used=False,
                  backend=emulated_attention)
+
+
+def test_emulated_cuda_backend_many_blocks():
+    # Several query and key blocks per slice in every kernel, head-mean over 3 heads.
+    check_parity((1, 3, 150, 64), torch.bfloat16, CPU, return_attn="head_mean", shield=False,
+                 backend=emulated_attention)
