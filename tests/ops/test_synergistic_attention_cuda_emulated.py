@@ -160,3 +160,22 @@ def test_emulated_cuda_backend_many_blocks():
     # Several query and key blocks per slice in every kernel, head-mean over 3 heads.
     check_parity((1, 3, 150, 64), torch.bfloat16, CPU, return_attn="head_mean", shield=False,
                  backend=emulated_attention)
+
+
+def test_emulated_cuda_kernels_have_no_data_races(tmp_path):
+    """The kernels under ThreadSanitizer: every thread of a block is a host thread, so a missing
+    __syncthreads/__syncwarp between a shared-memory write and another thread's read is reported."""
+    binary = tmp_path / "race_driver"
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-Wno-unknown-pragmas",
+           "-DMUSE_CPU_EMULATION", "-include", str(HARNESS / "cpu_shim.h"), "-I", str(CSRC), "-I", str(HARNESS),
+           "-I", str(CUDA_INCLUDE), str(HARNESS / "race_driver.cpp"), "-o", str(binary)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode != 0 and "tsan" in built.stderr:
+        pytest.skip(f"this g++ cannot build with ThreadSanitizer: {built.stderr[-300:]}")
+    assert built.returncode == 0, built.stderr[-4000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66"))
+    if "FATAL: ThreadSanitizer" in run.stderr:
+        pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[:300]}")
+    assert run.returncode == 0 and "WARNING: ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.stdout.split() == ["forward", "0", "maps", "0", "backward", "0"] * 6

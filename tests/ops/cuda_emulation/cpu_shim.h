@@ -3,7 +3,8 @@
 // Force-included before csrc/*.cu, compiled as C++20 by the host compiler: every CUDA thread of a block
 // is a host thread; __syncthreads and __syncwarp are barriers; warp shuffles go through a per-warp
 // exchange buffer; WMMA fragments hold whole 16×16 tiles (each lane computes the tile product in fp32,
-// lane 0 stores it, as the hardware's warp-collective store writes it once). Blocks run one after
+// lane 0 stores it, as the hardware's warp-collective store writes it once). Built with
+// -fsanitize=thread, the harness reports data races between the emulated threads. Blocks run one after
 // another over one dynamic shared-memory buffer, filled with NaN bytes before each block so that a
 // read of shared memory the kernel never wrote shows up in the results.
 //
@@ -108,6 +109,9 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+    // On the hardware each element of a tile is loaded and stored by the same lane, so a warp may store
+    // over the tile it has just loaded; here every lane loaded every element, so wait for all of them.
+    __syncwarp();
     if (threadIdx.x % 32 != 0) return;
     for (int i = 0; i < 16; ++i)
         for (int j = 0; j < 16; ++j) p[i * ldm + j] = f.x[i][j];
