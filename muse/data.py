@@ -59,6 +59,8 @@ def write_shards(samples, out_dir: str | os.PathLike, samples_per_shard: int = 1
 
 def _label_png(labels, image_size: tuple[int, int]) -> bytes:
     labels = labels if isinstance(labels, Image.Image) else Image.fromarray(np.asarray(labels, dtype=np.uint8))
+    if labels.mode == "P":  # palette images (VOC-style) store the label as the palette index
+        labels = Image.fromarray(np.asarray(labels, dtype=np.uint8))
     if labels.mode != "L":
         raise ValueError(f"segmentation labels must be 8-bit (mode 'L' or a uint8 array), got mode {labels.mode!r}")
     if labels.size != image_size:
@@ -90,22 +92,82 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in path.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
 
 
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """A labels file: one ``filename<TAB>class index`` per line."""
+    labels = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, _, value = line.partition("\t")
+        try:
+            labels[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'filename<TAB>class index', got {line!r}") from None
+    return labels
+
+
+def _labelled_files(args) -> tuple[list[Path], dict[Path, int], list[str]]:
+    """The images, their class indices and the class names: from class subfolders (sorted, as in
+    ImageNet's layout) or a labels file; none otherwise."""
+    if args.class_folders:
+        folders = sorted(p for p in Path(args.images).iterdir() if p.is_dir())
+        files, classes = [], {}
+        for index, folder in enumerate(folders):
+            for file in list_images(folder):
+                files.append(file)
+                classes[file] = index
+        return files, classes, [f.name for f in folders]
+    files = list_images(args.images)
+    if not args.labels:
+        return files, {}, []
+    by_name = read_labels(args.labels)
+    missing = [f.name for f in files if f.name not in by_name]
+    if missing:
+        raise ValueError(f"{args.labels} has no label for {len(missing)} image(s), e.g. {missing[:3]}")
+    return files, {f: by_name[f.name] for f in files}, []
+
+
 def make_shards_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Turn an image folder (+ captions file) into WebDataset shards")
-    parser.add_argument("--images", required=True, help="folder of images")
+    parser = argparse.ArgumentParser(description="Turn an image folder (+ captions, labels, segmentation maps) "
+                                                 "into WebDataset shards")
+    parser.add_argument("--images", required=True, help="folder of images (or of class subfolders)")
     parser.add_argument("--captions", help="file of 'filename<TAB>caption' lines")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--class-folders", action="store_true",
+                        help="--images holds one subfolder per class; classes are numbered in sorted order")
+    labels.add_argument("--labels", help="file of 'filename<TAB>class index' lines")
+    parser.add_argument("--seg-dir", help="folder of 8-bit label maps named like the images, .png (ADE20K layout)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--per-shard", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    files = list_images(args.images)
+    try:
+        files, classes, class_names = _labelled_files(args)
+        captions = read_captions(args.captions) if args.captions else {}
+    except (OSError, ValueError) as err:
+        log.error("%s", err)
+        return 2
     if not files:
         log.error("no images (%s) in %s", ", ".join(IMAGE_SUFFIXES), args.images)
         return 2
-    captions = read_captions(args.captions) if args.captions else {}
-    samples = ({"image": Image.open(p), "caption": captions.get(p.name, "")} for p in files)
-    shards = write_shards(samples, args.out, args.per_shard)
-    log.info("wrote %d images into %d shards in %s", len(files), len(shards), args.out)
+    if args.seg_dir:
+        missing = [f.name for f in files if not (Path(args.seg_dir) / f"{f.stem}.png").exists()]
+        if missing:
+            log.error("%s has no label map for %d image(s), e.g. %s", args.seg_dir, len(missing), missing[:3])
+            return 2
+
+    def samples():
+        for file in files:
+            sample = {"image": Image.open(file), "caption": captions.get(file.name, ""), "cls": classes.get(file)}
+            if args.seg_dir:
+                sample["seg"] = Image.open(Path(args.seg_dir) / f"{file.stem}.png")
+            yield sample
+
+    shards = write_shards(samples(), args.out, args.per_shard)
+    if class_names:
+        (Path(args.out) / "classes.txt").write_text("\n".join(class_names) + "\n")
+    log.info("wrote %d images into %d shards in %s%s", len(files), len(shards), args.out,
+             f" ({len(class_names)} classes, names in classes.txt)" if class_names else "")
     return 0
 
 

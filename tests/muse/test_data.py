@@ -95,6 +95,47 @@ def test_make_shards_cli(tmp_path):
     assert captions == {"red-ish", "darker", ""}
 
 
+def test_make_shards_cli_with_class_folders_labels_and_label_maps(tmp_path):
+    root = tmp_path / "imagenet_like"
+    segs = tmp_path / "annotations"
+    segs.mkdir()
+    for cls, name in enumerate(("n001_cat", "n002_dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 32), (100 * cls, 50, 50)).save(root / name / f"{name}_{i}.jpg")
+            labels = np.full((32, 40), 3 * cls + i, dtype=np.uint8)
+            Image.fromarray(labels).save(segs / f"{name}_{i}.png")
+    assert make_shards_main(["--images", str(root), "--class-folders", "--seg-dir", str(segs),
+                             "--out", str(tmp_path / "shards")]) == 0
+    assert (tmp_path / "shards" / "classes.txt").read_text().split() == ["n001_cat", "n002_dog"]
+    got = {s["key"]: s for s in read_once(expand_shards(str(tmp_path / "shards" / "*.tar")), 32)}
+    assert sorted(s["cls"] for s in got.values()) == [0, 0, 1, 1]
+    for sample in got.values():
+        assert sample["seg"].unique().numel() == 1 and int(sample["seg"][0, 0]) // 3 == sample["cls"]
+    # A labels file instead of folders; a missing label or label map is an error naming the files.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (20, 20)).save(flat / "a.png")
+    Image.new("RGB", (20, 20)).save(flat / "b.png")
+    (tmp_path / "labels.tsv").write_text("a.png\t7\nb.png\t2\n")
+    assert make_shards_main(["--images", str(flat), "--labels", str(tmp_path / "labels.tsv"),
+                             "--out", str(tmp_path / "flat_shards")]) == 0
+    assert sorted(s["cls"] for s in read_once(expand_shards(str(tmp_path / "flat_shards" / "*.tar")), 16)) == [2, 7]
+    (tmp_path / "labels.tsv").write_text("a.png\t7\n")
+    assert make_shards_main(["--images", str(flat), "--labels", str(tmp_path / "labels.tsv"),
+                             "--out", str(tmp_path / "x")]) == 2
+    assert make_shards_main(["--images", str(flat), "--seg-dir", str(segs), "--out", str(tmp_path / "y")]) == 2
+
+
+def test_palette_label_maps_keep_their_indices(tmp_path):
+    image, labels = _half_and_half()
+    palette = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))  # colours unlike the indices
+    shards = write_shards([{"image": image, "caption": "", "seg": palette}], tmp_path)
+    seg = next(read_once(shards, 32))["seg"]
+    assert set(seg.unique().tolist()) == {1, 2} and seg[:, :16].eq(1).all()
+
+
 def test_data_loader_workers_each_read_their_own_shards(tmp_path):
     shards = write_shards(_samples(8), tmp_path, samples_per_shard=2)
     stream = ShardStream([Source(shards)], 16, seed=0)
