@@ -3,12 +3,13 @@
 Providers: ``eager`` (the official code's way: logits, softmax, maps materialized, detached map times
 V), ``sdpa_<backend>`` (PyTorch SDPA forced to one backend; with maps, the maps are recomputed
 separately and the output is shielded by detaching q and k — what a user would otherwise do),
-``flash_attn`` (the FlashAttention package, no maps), ``ours`` (``muse_kernels``: Triton on CUDA,
+``flash_attn2``/``3``/``4`` (FlashAttention's generations when importable, no maps), ``ours`` (``muse_kernels``: Triton on CUDA,
 the torch backend elsewhere) and ``cuda`` (the CUDA C++ backend, built on first use if needed).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -27,7 +28,10 @@ VARIANTS = {
     "head_mean_fp32": ("head_mean", torch.float32),
 }
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
-PROVIDERS = ("eager", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "flash_attn", "ours", "cuda")
+# FlashAttention generations: the module that exports each one's `flash_attn_func`.
+FLASH_ATTN_MODULES = {"flash_attn2": "flash_attn", "flash_attn3": "flash_attn_interface",
+                      "flash_attn4": "flash_attn.cute.interface"}
+PROVIDERS = ("eager", *(f"sdpa_{b}" for b in SDPA_BACKENDS), *FLASH_ATTN_MODULES, "ours", "cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -78,18 +82,22 @@ def forward_fn(provider: str, return_attn: str | None, attn_dtype: torch.dtype,
             attn = probs if return_attn == "per_head" else probs.mean(1)
             return [out, attn.to(attn_dtype)]
         return run
-    if provider == "flash_attn":
+    if provider in FLASH_ATTN_MODULES:
         if return_attn is not None:
-            raise SkipCase("flash_attn returns no attention maps")
+            raise SkipCase("FlashAttention returns no attention maps")
+        module = FLASH_ATTN_MODULES[provider]
         try:
-            from flash_attn import flash_attn_func
-        except ImportError as err:
-            raise SkipCase(f"flash_attn is not importable ({err})") from None
+            flash_attn_func = importlib.import_module(module).flash_attn_func
+        except (ImportError, AttributeError) as err:
+            raise SkipCase(f"{module}.flash_attn_func is not importable ({err})") from None
         if device.type != "cuda":
-            raise SkipCase("flash_attn needs a CUDA device")
+            raise SkipCase("FlashAttention needs a CUDA device")
 
         def run(q, k, v):
-            return [flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)]
+            result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            # FA3 and FA4 also return the log-sum-exp.
+            out = result[0] if isinstance(result, tuple) else result
+            return [out.transpose(1, 2)]
         return run
     if provider in ("ours", "cuda"):
         backend = ours_backend(device) if provider == "ours" else "cuda"
