@@ -32,13 +32,19 @@ struct Shape {
 struct ForwardParams {
     const void* q = nullptr;
     const void* k = nullptr;
-    const void* v = nullptr;
+    const void* v = nullptr;  // null: only the LSE (and the KL) are wanted, no output
     void* out = nullptr;
     float* lse = nullptr;
+    // With a teacher map ((B, N, N) shared by the heads: head stride 0, or (B, H, N, N)), row_kl
+    // (B, H, N) receives each row's KL(t ‖ A) in nats, from three running sums: no map is written.
+    const void* teacher = nullptr;
+    float* row_kl = nullptr;
     RowStrides q_strides, k_strides, v_strides, out_strides;
+    MapStrides teacher_strides;
     Shape shape;
     float qk_scale_log2 = 0.f;  // scale · log2(e)
     DType dtype = DType::kFloat32;
+    DType teacher_dtype = DType::kFloat32;
 };
 
 struct MapsParams {
@@ -58,10 +64,15 @@ struct MapsParams {
 struct BackwardParams {
     const void* q = nullptr;
     const void* k = nullptr;
-    const void* v = nullptr;
+    const void* v = nullptr;  // may be null when neither out_to_qk nor compute_dv
     const void* out = nullptr;
     const void* grad_out = nullptr;   // read when out_to_qk or compute_dv
     const void* grad_attn = nullptr;  // read when has_grad_attn
+    // A per-head KL term (has_teacher): dS += kl_grad · kl_scale · (rowsum(t)·P − t), with kl_grad a
+    // device scalar (no host sync) and teacher_rowsum (B, H or 1, N) fp32.
+    const void* teacher = nullptr;
+    const float* teacher_rowsum = nullptr;
+    const float* kl_grad = nullptr;
     const float* lse = nullptr;
     float* delta = nullptr;  // (B, H, N) fp32 scratch: Δ = rowsum(P ⊙ dP)
     void* dq = nullptr;
@@ -69,15 +80,19 @@ struct BackwardParams {
     void* dv = nullptr;
     RowStrides q_strides, k_strides, v_strides, out_strides, grad_out_strides;
     RowStrides dq_strides, dk_strides, dv_strides;
-    MapStrides grad_attn_strides;
+    MapStrides grad_attn_strides, teacher_strides;
+    RowStrides teacher_rowsum_strides;
     Shape shape;
     float qk_scale_log2 = 0.f;
     float sm_scale = 0.f;
     float grad_attn_weight = 1.f;  // 1/H for head-mean map gradients
+    float kl_scale = 0.f;
     DType dtype = DType::kFloat32;
     DType grad_attn_dtype = DType::kFloat32;
+    DType teacher_dtype = DType::kFloat32;
     bool out_to_qk = false;      // unshielded: dO·Vᵀ reaches the logits
     bool has_grad_attn = false;  // the maps received a gradient
+    bool has_teacher = false;    // a per-head KL term
     bool compute_dqk = false;
     bool compute_dv = false;
 };

@@ -3,8 +3,9 @@
 //  * dq_kernel, one block per query block: Δ = rowsum(P ⊙ dP) (dO·O for the output path, plus one
 //    pass over the keys for the maps' gradient), stored for the other kernel, then dQ = scale·dS·K.
 //  * dkdv_kernel, one block per key block: dV = Pᵀ·dO and dK = scale·dSᵀ·Q.
-// dS = P ⊙ (dP − Δ) with dP = (maps' gradient) + (dO·Vᵀ only when the shield is off): with the shield
-// on, the output gradient never reaches Q and K.
+// dS = P ⊙ (dP − Δ) with dP = (maps' gradient) + (dO·Vᵀ only when the shield is off), plus a per-head
+// KL's (rowsum(t)·P − t) when a teacher is given: with the shield on, the output gradient never reaches
+// Q and K.
 #include "synergistic_attention.h"
 #include "tile_ops.cuh"
 
@@ -15,6 +16,15 @@ namespace {
 __device__ __forceinline__ float grad_attn_at(const BackwardParams& p, int64_t b, int64_t h, int row, int col) {
     const MapStrides& s = p.grad_attn_strides;
     return p.grad_attn_weight * load_map(p.grad_attn, p.grad_attn_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
+}
+
+// The per-head KL's share of dS at (row, col): weight · (rowsum(t)·P − t); weight = kl_grad · kl_scale.
+__device__ __forceinline__ float kl_logit_grad(const BackwardParams& p, float weight, int64_t b, int64_t h, int row,
+                                               int col, float prob) {
+    const MapStrides& s = p.teacher_strides;
+    const RowStrides& r = p.teacher_rowsum_strides;
+    const float t = load_map(p.teacher, p.teacher_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
+    return weight * (p.teacher_rowsum[b * r.b + h * r.h + row * r.n] * prob - t);
 }
 
 template <typename T, int D, int BM, int BN>
@@ -49,6 +59,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
     const BlockPlace place = block_place(seq, p.shape.heads, BM);
     const int64_t bh = place.bh, b = place.b, h = place.h;
     const int m0 = place.first, lane = place.lane, r0 = place.band;
+    const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
 
     const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
     const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
@@ -131,6 +142,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
                     float dp = p.out_to_qk ? dprobs[r * Smem::LDS + c] : 0.f;
                     if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
                     ds = prob * (dp - delta[r]);
+                    if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, col, prob);
                 }
                 dlogits[r * Smem::LDP + c] = from_float<T>(ds);
             }
@@ -187,6 +199,7 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
     const BlockPlace place = block_place(seq, p.shape.heads, BN);
     const int64_t bh = place.bh, b = place.b, h = place.h;
     const int n0 = place.first, lane = place.lane, r0 = place.band;
+    const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
     const bool need_dout = p.compute_dv || p.out_to_qk;
 
     load_rows<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
@@ -244,9 +257,11 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
                     const int row = m0 + c;
                     float ds = 0.f;
                     if (row < seq && col < seq) {
+                        const float prob = probs_t[r * Smem::LDS + c];
                         float dp = p.out_to_qk ? dprobs_t[r * Smem::LDS + c] : 0.f;
                         if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
-                        ds = probs_t[r * Smem::LDS + c] * (dp - delta[c]);
+                        ds = prob * (dp - delta[c]);
+                        if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, col, prob);
                     }
                     operand_t[r * Smem::LDP + c] = from_float<T>(ds);
                 }

@@ -10,11 +10,11 @@ namespace {
 template <typename T, int D, int BM, int BN>
 struct ForwardSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
-    enum { kQ, kK, kV, kLogits, kProbs, kAcc, kRowMax, kRowSum };
-    static constexpr Carving<8> kCarving = carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT),
+    enum { kQ, kK, kV, kLogits, kProbs, kAcc, kRowMax, kRowSum, kTeacherSums };
+    static constexpr Carving<9> kCarving = carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT),
                                                   tile_bytes<float>(BM, LDS), tile_bytes<T>(BM, LDP),
                                                   tile_bytes<float>(BM, LDO), tile_bytes<float>(BM, 1),
-                                                  tile_bytes<float>(BM, 1)});
+                                                  tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 3)});
     static_assert(kCarving.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
 };
 
@@ -33,26 +33,32 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
     float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
     float* row_max = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowMax]);
     float* row_sum = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowSum]);
+    // Per row: Σ t·log t, Σ t·s (log2 units), Σ t. KL(t ‖ A) = Σ t·log t − ln2·(Σ t·s − lse2·Σ t) needs
+    // nothing else, and none of the sums depends on the running maximum.
+    float* teacher_sums = reinterpret_cast<float*>(smem + kAt.offset[Smem::kTeacherSums]);
 
     const int seq = p.shape.seq;
     const BlockPlace place = block_place(seq, p.shape.heads, BM);
     const int64_t bh = place.bh, b = place.b, h = place.h;
     const int m0 = place.first, lane = place.lane, r0 = place.band;
+    const bool has_v = p.v != nullptr, has_teacher = p.teacher != nullptr;
 
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
     const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
     const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
+    const int64_t teacher_base = b * p.teacher_strides.b + h * p.teacher_strides.h;
     load_rows<T, D, BM, THREADS>(q_tile, q, p.q_strides.n, m0, seq);
     zero_floats<BM, D, THREADS>(acc);
     for (int r = threadIdx.x; r < BM; r += THREADS) {
         row_max[r] = -INFINITY;
         row_sum[r] = 0.f;
+        teacher_sums[3 * r] = teacher_sums[3 * r + 1] = teacher_sums[3 * r + 2] = 0.f;
     }
 
     for (int n0 = 0; n0 < seq; n0 += BN) {
         __syncthreads();  // the previous tiles are no longer read
         load_rows<T, D, BN, THREADS>(k_tile, k, p.k_strides.n, n0, seq);
-        load_rows<T, D, BN, THREADS>(v_tile, v, p.v_strides.n, n0, seq);
+        if (has_v) load_rows<T, D, BN, THREADS>(v_tile, v, p.v_strides.n, n0, seq);
         __syncthreads();
         for (int j = 0; j < BN; j += 16) {
             warp_mma<T, RowMajor, ColMajor>(q_tile + r0 * Smem::LDT, Smem::LDT, k_tile + j * Smem::LDT, Smem::LDT,
@@ -60,6 +66,24 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
         }
         __syncwarp();
         for (int r = r0; r < r0 + 16; ++r) {
+            if (has_teacher && m0 + r < seq) {
+                float t_logt = 0.f, t_s = 0.f, t_sum = 0.f;
+                for (int c = lane; c < BN && n0 + c < seq; c += 32) {
+                    const float t = load_map(p.teacher, p.teacher_dtype,
+                                             teacher_base + (m0 + r) * p.teacher_strides.m + (n0 + c) * p.teacher_strides.n);
+                    t_logt += t > 0.f ? t * logf(t) : 0.f;
+                    t_s += t * logits[r * Smem::LDS + c] * p.qk_scale_log2;
+                    t_sum += t;
+                }
+                t_logt = warp_sum(t_logt);
+                t_s = warp_sum(t_s);
+                t_sum = warp_sum(t_sum);
+                if (lane == 0) {
+                    teacher_sums[3 * r] += t_logt;
+                    teacher_sums[3 * r + 1] += t_s;
+                    teacher_sums[3 * r + 2] += t_sum;
+                }
+            }
             float s[BN / 32];
             float tile_max = -INFINITY;
 #pragma unroll
@@ -88,19 +112,30 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
             }
         }
         __syncwarp();
-        for (int j = 0; j < D; j += 16) {
-            warp_mma<T, RowMajor, RowMajor>(probs + r0 * Smem::LDP, Smem::LDP, v_tile + j, Smem::LDT,
-                                            acc + r0 * Smem::LDO + j, Smem::LDO, BN, true);
+        if (has_v) {
+            for (int j = 0; j < D; j += 16) {
+                warp_mma<T, RowMajor, RowMajor>(probs + r0 * Smem::LDP, Smem::LDP, v_tile + j, Smem::LDT,
+                                                acc + r0 * Smem::LDO + j, Smem::LDO, BN, true);
+            }
         }
     }
     __syncwarp();
 
     T* out = static_cast<T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h;
+    constexpr float kLn2 = 0.6931471805599453f;
     for (int r = r0; r < r0 + 16; ++r) {
         const int row = m0 + r;
         if (row >= seq) break;
         const float total = row_sum[r];
-        if (lane == 0) p.lse[bh * seq + row] = row_max[r] + log2f(total);
+        const float lse2 = row_max[r] + log2f(total);
+        if (lane == 0) {
+            p.lse[bh * seq + row] = lse2;
+            if (has_teacher) {
+                const float* sums = teacher_sums + 3 * r;
+                p.row_kl[bh * seq + row] = sums[0] + kLn2 * (sums[2] * lse2 - sums[1]);
+            }
+        }
+        if (!has_v) continue;
         const float inv = 1.f / total;
         for (int d = lane; d < D; d += 32) {
             out[static_cast<int64_t>(row) * p.out_strides.n + d] = from_float<T>(acc[r * Smem::LDO + d] * inv);

@@ -11,7 +11,7 @@ from muse_kernels.ops.synergistic_attention import (
     synergistic_attention_triton,
     triton_interpreting,
 )
-from muse_kernels.ops.synergistic_attention_cuda import CUDA_HEAD_DIMS, synergistic_attention_cuda
+from muse_kernels.ops.synergistic_attention_cuda import CUDA_HEAD_DIMS, synergistic_attention_cuda, topology_kl_cuda
 from muse_kernels.ops.topology_kl_loss import KL_REDUCTIONS, topology_kl_triton
 from muse_kernels.ops.topology_kl_loss import validate_teacher as _validate_teacher
 from muse_kernels.reference import (
@@ -90,11 +90,6 @@ def _check_kernel_inputs(q: torch.Tensor, backend: str, teacher: torch.Tensor | 
         )
 
 
-def _no_cuda_loss(backend: str) -> None:
-    if backend == "cuda":
-        raise NotImplementedError("the fused topology loss has no CUDA C++ kernel yet: use backend='triton' "
-                                  "(or backend='cuda' with return_attn and the loss on the maps)")
-
 
 def _last_dim_contiguous(*tensors: torch.Tensor | None):
     return tuple(x if x is None or x.stride(-1) == 1 else x.contiguous() for x in tensors)
@@ -164,10 +159,10 @@ def topology_kl_loss(
         if validate:
             _validate_teacher(teacher)
         return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps)
-    _no_cuda_loss(resolved)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, teacher = _last_dim_contiguous(q, k, teacher)
-    return topology_kl_triton(q, k, None, teacher, scale, reduction, eps, validate)[1]
+    loss_op = topology_kl_cuda if resolved == "cuda" else topology_kl_triton
+    return loss_op(q, k, None, teacher, scale, reduction, eps, validate)[1]
 
 
 def synergistic_attention(
@@ -197,8 +192,8 @@ def synergistic_attention(
         shield: True (MUSE): dV = Aᵀ·dO and dQ, dK come only from the maps' gradient (exactly zero
             when the maps are unused). False: ordinary attention gradients through both paths.
         backend: ``"triton"``, ``"torch"`` (eager reference), ``"auto"`` (Triton on CUDA, torch
-            otherwise), ``"cuda"`` (the compiled CUDA C++ backend: head dim 64 or 128, no teacher;
-            built on first use when not prebuilt).
+            otherwise), ``"cuda"`` (the compiled CUDA C++ backend: head dim 64 or 128; built on
+            first use when not prebuilt).
         teacher: if given, return the topology KL loss instead of the maps, from the same fused
             forward (see :func:`topology_kl_loss` for ``teacher``, ``kl_reduction``, ``kl_eps`` and
             ``validate_teacher``). The backward is shielded: dV from dO, dQ/dK from the KL only.
@@ -233,11 +228,10 @@ def synergistic_attention(
             _validate_teacher(teacher)
         return synergistic_attention_with_kl_reference(q, k, v, teacher, scale=scale, reduction=kl_reduction,
                                                        eps=kl_eps)
-    if teacher is not None:
-        _no_cuda_loss(resolved)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, v, teacher = _last_dim_contiguous(q, k, v, teacher)
     if teacher is not None:
-        return topology_kl_triton(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
+        loss_op = topology_kl_cuda if resolved == "cuda" else topology_kl_triton
+        return loss_op(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
     kernel = synergistic_attention_cuda if resolved == "cuda" else synergistic_attention_triton
     return kernel(q, k, v, scale, return_attn, attn_dtype, shield)

@@ -1,8 +1,9 @@
 """Synergistic attention on the CUDA C++ backend (``csrc/``): the extension and its custom ops.
 
-The same contract as the Triton op (``synergistic_attention.py``): out, per-head or head-mean maps
-(fp32 or bf16), shielded or ordinary backward, for fp32, fp16 and bf16 inputs with head dim 64 or
-128. The extension is ``muse_kernels._C`` when ``setup.py`` built it; otherwise the first call on a
+The same contract as the Triton ops (``synergistic_attention.py``, ``topology_kl_loss.py``): out,
+per-head or head-mean maps (fp32 or bf16), shielded or ordinary backward, and the fused topology KL
+(per head: three running sums, no map; head mean: through the (B, N, N) mean map), for fp32, fp16
+and bf16 inputs with head dim 64 or 128. The extension is ``muse_kernels._C`` when ``setup.py`` built it; otherwise the first call on a
 CUDA machine builds it from the ``csrc/`` sources with ``torch.utils.cpp_extension.load`` (ninja),
 once per machine (torch caches the build).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from muse_kernels.ops.synergistic_attention import register_attention_ops
+from muse_kernels.ops.topology_kl_loss import register_topology_kl_ops
 
 log = logging.getLogger("muse_kernels")
 
@@ -65,23 +67,34 @@ def _build():
 
 
 def synergistic_attention_cuda_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, map_mode: str = "none",
-    attn_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(out, attn or None, lse2), as the Triton launcher returns them."""
-    out, attn, lse = load_extension().fwd(q, k, v, float(scale), map_mode, attn_dtype == torch.bfloat16)
-    return out, (None if map_mode == "none" else attn), lse
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float, map_mode: str = "none",
+    attn_dtype: torch.dtype = torch.float32, teacher: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(out, attn, lse2, row_kl), as the Triton launcher returns them."""
+    out, attn, lse, row_kl = load_extension().fwd(q, k, v, float(scale), map_mode, attn_dtype == torch.bfloat16,
+                                                  teacher)
+    return (None if v is None else out), (None if map_mode == "none" else attn), lse, \
+        (None if teacher is None else row_kl)
 
 
 def synergistic_attention_cuda_backward(
     grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
     scale: float, shield: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = load_extension().bwd(grad_out, grad_attn, q, k, v, out, lse, float(scale), shield)
-    return dq, dk, dv
+    teacher: torch.Tensor | None = None, kl_grad: torch.Tensor | None = None, kl_scale: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv), as the Triton launcher returns them (dv None without v)."""
+    dq, dk, dv = load_extension().bwd(grad_out, grad_attn, q, k, v, out, lse, float(scale), shield, teacher,
+                                      kl_grad, float(kl_scale))
+    return dq, dk, (None if v is None else dv)
 
 
 synergistic_attention_cuda = register_attention_ops(
-    "synergistic_attention_cuda", synergistic_attention_cuda_forward, synergistic_attention_cuda_backward
+    "synergistic_attention_cuda",
+    lambda q, k, v, scale, map_mode, attn_dtype: synergistic_attention_cuda_forward(q, k, v, scale, map_mode,
+                                                                                    attn_dtype)[:3],
+    synergistic_attention_cuda_backward,
+)
+topology_kl_cuda = register_topology_kl_ops(
+    "topology_kl_cuda", synergistic_attention_cuda_forward, synergistic_attention_cuda_backward
 )

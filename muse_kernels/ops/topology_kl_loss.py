@@ -44,103 +44,107 @@ def validate_teacher(teacher: torch.Tensor, tol: float | None = None) -> None:
 
 
 def topology_kl_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+    forward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
     scale: float, reduction: str, eps: float,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (out or None, loss, lse2, head-mean map or None)."""
+    """Returns (out or None, loss, lse2, head-mean map or None); ``forward`` is a backend's attention
+    forward launcher (``synergistic_attention_forward``'s signature)."""
     if reduction == "per_head":
-        out, _, lse, row_kl = synergistic_attention_forward(q, k, v, scale, teacher=teacher)
+        out, _, lse, row_kl = forward(q, k, v, scale, teacher=teacher)
         return out, row_kl.mean(), lse, None
-    out, mean_map, lse, _ = synergistic_attention_forward(q, k, v, scale, "head_mean", torch.float32)
+    out, mean_map, lse, _ = forward(q, k, v, scale, "head_mean", torch.float32)
     t = teacher.float()
     loss = (torch.xlogy(t, t) - t * torch.log(mean_map + eps)).sum(-1).mean()
     return out, loss, lse, mean_map
 
 
 def topology_kl_backward(
-    grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
+    backward, grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
     teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``backward`` is a backend's attention backward launcher (``synergistic_attention_backward``'s
+    signature)."""
     bsz, heads, seq, _ = q.shape
     if grad_loss is None:
-        return synergistic_attention_backward(grad_out, None, q, k, v, out, lse, scale)
+        return backward(grad_out, None, q, k, v, out, lse, scale)
     if reduction == "per_head":
-        return synergistic_attention_backward(
-            grad_out, None, q, k, v, out, lse, scale,
-            teacher=teacher, kl_grad=grad_loss.float(), kl_scale=1.0 / (bsz * heads * seq),
-        )
+        return backward(grad_out, None, q, k, v, out, lse, scale,
+                        teacher=teacher, kl_grad=grad_loss.float(), kl_scale=1.0 / (bsz * heads * seq))
     grad_mean_map = teacher.float() / (mean_map + eps) * (-grad_loss.float() / (bsz * seq))
-    return synergistic_attention_backward(grad_out, grad_mean_map, q, k, v, out, lse, scale)
+    return backward(grad_out, grad_mean_map, q, k, v, out, lse, scale)
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library registration. ``v`` is optional: without it the op is the loss alone.
+# torch.library registration. ``v`` is optional: without it the op is the loss alone. The CUDA C++
+# backend registers its launchers through the same function.
 
 
-@torch.library.custom_op("muse_kernels::topology_kl_fwd", mutates_args=())
-def _topology_kl_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
-    scale: float, reduction: str, eps: float, validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Validation reads the data, so it lives inside the opaque op: torch.compile sees no
-    # data-dependent branch and does not break the graph.
-    if validate:
-        validate_teacher(teacher)
-    out, loss, lse, mean_map = topology_kl_forward(q, k, v, teacher, scale, reduction, eps)
-    # Custom ops cannot return None (nor one tensor twice): absent outputs are distinct empty tensors.
-    return (q.new_empty(0) if out is None else out), loss, lse, (q.new_empty(0) if mean_map is None else mean_map)
+def register_topology_kl_ops(name: str, forward, backward):
+    """Custom ops ``muse_kernels::<name>_fwd`` / ``_bwd`` around a backend's attention launchers;
+    returns ``(q, k, v or None, teacher, scale, reduction, eps, validate) → (out or None, loss)``."""
+
+    @torch.library.custom_op(f"muse_kernels::{name}_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+        scale: float, reduction: str, eps: float, validate: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Validation reads the data, so it lives inside the opaque op: torch.compile sees no
+        # data-dependent branch and does not break the graph.
+        if validate:
+            validate_teacher(teacher)
+        out, loss, lse, mean_map = topology_kl_forward(forward, q, k, v, teacher, scale, reduction, eps)
+        # Custom ops cannot return None (nor one tensor twice): absent outputs are distinct empty tensors.
+        return (q.new_empty(0) if out is None else out), loss, lse, (q.new_empty(0) if mean_map is None else mean_map)
+
+    @fwd_op.register_fake
+    def _(q, k, v, teacher, scale, reduction, eps, validate):
+        bsz, heads, seq, _ = q.shape
+        out = q.new_empty(0) if v is None else new_output_like(v)
+        mean_map = q.new_empty(bsz, seq, seq, dtype=torch.float32) if reduction == "head_mean" else q.new_empty(0)
+        return out, q.new_empty((), dtype=torch.float32), q.new_empty(bsz, heads, seq, dtype=torch.float32), mean_map
+
+    @torch.library.custom_op(f"muse_kernels::{name}_bwd", mutates_args=())
+    def bwd_op(
+        grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
+        teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = topology_kl_backward(backward, grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map,
+                                          scale, reduction, eps)
+        return dq, dk, q.new_empty(0) if dv is None else dv
+
+    @bwd_op.register_fake
+    def _(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale, reduction, eps):
+        return torch.empty_like(q), torch.empty_like(k), q.new_empty(0) if v is None else torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, teacher, scale, reduction, eps, _validate = inputs
+        out, _loss, lse, mean_map = output
+        ctx.set_materialize_grads(False)
+        ctx.has_v = v is not None
+        ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, teacher,
+                              mean_map if reduction == "head_mean" else None)
+        ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
+
+    def backward_formula(ctx, grad_out, grad_loss, _grad_lse, _grad_mean_map):
+        q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out if ctx.has_v else None, grad_loss, q, k, v, out, lse, teacher, mean_map,
+                            ctx.scale, ctx.reduction, ctx.eps)
+        return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None
+
+    fwd_op.register_autograd(backward_formula, setup_context=setup_context)
+
+    def topology_kl(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
+        scale: float, reduction: str, eps: float, validate: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(out or None, loss)."""
+        out, loss, _lse, _mean_map = fwd_op(q, k, v, teacher, float(scale), reduction, float(eps), validate)
+        return (out if v is not None else None), loss
+
+    return topology_kl
 
 
-@_topology_kl_fwd_op.register_fake
-def _(q, k, v, teacher, scale, reduction, eps, validate):
-    bsz, heads, seq, _ = q.shape
-    out = q.new_empty(0) if v is None else new_output_like(v)
-    mean_map = q.new_empty(bsz, seq, seq, dtype=torch.float32) if reduction == "head_mean" else q.new_empty(0)
-    return out, q.new_empty((), dtype=torch.float32), q.new_empty(bsz, heads, seq, dtype=torch.float32), mean_map
-
-
-@torch.library.custom_op("muse_kernels::topology_kl_bwd", mutates_args=())
-def _topology_kl_bwd_op(
-    grad_out: torch.Tensor | None, grad_loss: torch.Tensor | None,
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
-    teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = topology_kl_backward(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale,
-                                      reduction, eps)
-    return dq, dk, q.new_empty(0) if dv is None else dv
-
-
-@_topology_kl_bwd_op.register_fake
-def _(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale, reduction, eps):
-    return torch.empty_like(q), torch.empty_like(k), q.new_empty(0) if v is None else torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, teacher, scale, reduction, eps, _validate = inputs
-    out, _loss, lse, mean_map = output
-    ctx.set_materialize_grads(False)
-    ctx.has_v = v is not None
-    ctx.save_for_backward(q, k, v, out if ctx.has_v else None, lse, teacher,
-                          mean_map if reduction == "head_mean" else None)
-    ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
-
-
-def _backward(ctx, grad_out, grad_loss, _grad_lse, _grad_mean_map):
-    q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
-    dq, dk, dv = _topology_kl_bwd_op(grad_out if ctx.has_v else None, grad_loss, q, k, v, out, lse, teacher,
-                                     mean_map, ctx.scale, ctx.reduction, ctx.eps)
-    return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None
-
-
-_topology_kl_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def topology_kl_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
-    scale: float, reduction: str, eps: float, validate: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(out or None, loss)."""
-    out, loss, _lse, _mean_map = _topology_kl_fwd_op(q, k, v, teacher, float(scale), reduction, float(eps),
-                                                     validate)
-    return (out if v is not None else None), loss
+topology_kl_triton = register_topology_kl_ops("topology_kl", synergistic_attention_forward,
+                                              synergistic_attention_backward)

@@ -17,6 +17,7 @@ import torch
 from muse_kernels import synergistic_attention
 from muse_kernels.ops.synergistic_attention_cuda import CSRC, load_extension
 from test_synergistic_attention import DTYPES, MODES, SEQ_LENS, check_parity
+from test_topology_kl_loss import KL_CASES, KL_IDS, check_loss_parity
 
 NVCC = shutil.which("nvcc")
 CUDA_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
@@ -95,14 +96,18 @@ def test_cuda_against_triton_at_muse_shapes_gpu(seq, dtype, shield, return_attn)
 
 
 @pytest.mark.gpu
-def test_cuda_backend_rejects_what_it_does_not_support_gpu():
+def test_cuda_backend_rejects_unsupported_head_dims_gpu():
     q = torch.randn(1, 2, 8, 32, device=CUDA)
     with pytest.raises(ValueError, match=r"head_dim .* \(64, 128\) for backend='cuda'"):
         synergistic_attention(q, q, q, backend="cuda")
-    q = torch.randn(1, 2, 8, 64, device=CUDA)
-    teacher = torch.full((1, 8, 8), 1 / 8, device=CUDA)
-    with pytest.raises(NotImplementedError, match="no CUDA C.. kernel"):
-        synergistic_attention(q, q, q, backend="cuda", teacher=teacher)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", (1, 37, 100, 257))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
+def test_cuda_topology_loss_parity_gpu(seq, dtype, reduction, shared):
+    check_loss_parity((2, 3, seq, 64), dtype, CUDA, reduction, shared, layout="bnhd", backend="cuda")
 
 
 @pytest.mark.gpu

@@ -25,13 +25,17 @@ def _grads(loss, inputs):
     return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
 
 
-def check_loss_parity(shape, dtype, device, reduction, shared, layout="contiguous"):
+def check_loss_parity(shape, dtype, device, reduction, shared, layout="contiguous", backend="triton"):
+    """``backend``: a backend name of the public API, or a loss function (q, k, teacher, reduction)."""
     bsz, heads, seq, _ = shape
     q, k, _ = make_qkv(shape, dtype, device, layout)
     teacher = make_teacher(bsz, seq, None if shared else heads, _teacher_dtype(dtype), device)
 
     qo, ko = (x.detach().requires_grad_() for x in (q, k))
-    loss = topology_kl_loss(qo, ko, teacher, reduction=reduction, backend="triton")
+    if callable(backend):
+        loss = backend(qo, ko, teacher, reduction)
+    else:
+        loss = topology_kl_loss(qo, ko, teacher, reduction=reduction, backend=backend)
     ours = (loss, *_grads(loss, (qo, ko)))
 
     qe, ke = (x.detach().requires_grad_() for x in (q, k))

@@ -13,18 +13,24 @@ muse::Shape shape(int batch, int heads, int seq, int head_dim) { return {batch, 
 
 extern "C" {
 
-int emu_forward(const void* q, const void* k, const void* v, void* out, float* lse, const int64_t* strides,
-                int batch, int heads, int seq, int head_dim, float qk_scale_log2, int dtype) {
+// strides: q, k, v, out (3 each), teacher (4).
+int emu_forward(const void* q, const void* k, const void* v, void* out, float* lse, const void* teacher, float* row_kl,
+                const int64_t* strides, int batch, int heads, int seq, int head_dim, float qk_scale_log2, int dtype,
+                int teacher_dtype) {
     muse::ForwardParams p;
     p.q = q;
     p.k = k;
     p.v = v;
     p.out = out;
     p.lse = lse;
+    p.teacher = teacher;
+    p.row_kl = row_kl;
     p.q_strides = rows(strides);
     p.k_strides = rows(strides + 3);
     p.v_strides = rows(strides + 6);
     p.out_strides = rows(strides + 9);
+    p.teacher_strides = maps(strides + 12);
+    p.teacher_dtype = static_cast<muse::DType>(teacher_dtype);
     p.shape = shape(batch, heads, seq, head_dim);
     p.qk_scale_log2 = qk_scale_log2;
     p.dtype = static_cast<muse::DType>(dtype);
@@ -49,11 +55,12 @@ int emu_maps(const void* q, const void* k, const float* lse, void* attn, const i
     return static_cast<int>(muse::synergistic_attention_maps(p, nullptr));
 }
 
-// tensors: q, k, v, out, grad_out, grad_attn, dq, dk, dv; strides: q, k, v, out, grad_out, dq, dk, dv (3
-// each), then grad_attn (4); flags: out_to_qk, has_grad_attn, compute_dqk, compute_dv.
+// tensors: q, k, v, out, grad_out, grad_attn, dq, dk, dv, teacher, teacher_rowsum, kl_grad; strides: q, k,
+// v, out, grad_out, dq, dk, dv (3 each), grad_attn (4), teacher (4), teacher_rowsum (3); flags:
+// out_to_qk, has_grad_attn, compute_dqk, compute_dv, has_teacher.
 int emu_backward(const void* const* tensors, const float* lse, float* delta, const int64_t* strides, int batch,
                  int heads, int seq, int head_dim, float qk_scale_log2, float sm_scale, float grad_attn_weight,
-                 int dtype, int grad_attn_dtype, const int* flags) {
+                 float kl_scale, int dtype, int grad_attn_dtype, int teacher_dtype, const int* flags) {
     muse::BackwardParams p;
     p.q = tensors[0];
     p.k = tensors[1];
@@ -75,6 +82,14 @@ int emu_backward(const void* const* tensors, const float* lse, float* delta, con
     p.dk_strides = rows(strides + 18);
     p.dv_strides = rows(strides + 21);
     p.grad_attn_strides = maps(strides + 24);
+    p.teacher = tensors[9];
+    p.teacher_rowsum = static_cast<const float*>(tensors[10]);
+    p.kl_grad = static_cast<const float*>(tensors[11]);
+    p.teacher_strides = maps(strides + 28);
+    p.teacher_rowsum_strides = rows(strides + 32);
+    p.kl_scale = kl_scale;
+    p.teacher_dtype = static_cast<muse::DType>(teacher_dtype);
+    p.has_teacher = flags[4] != 0;
     p.shape = shape(batch, heads, seq, head_dim);
     p.qk_scale_log2 = qk_scale_log2;
     p.sm_scale = sm_scale;

@@ -37,16 +37,26 @@ void run(int dtype, int batch, int heads, int seq, int dim, bool head_mean, bool
     };
     const float scale = 1.f / std::sqrt(float(dim));
     const float scale_log2 = scale * 1.4426950408889634f;
-    std::printf("forward %d\n", emu_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), repeat(4, {}).data(),
-                                           batch, heads, seq, dim, scale_log2, dtype));
+    // A (B, N, N) teacher shared by the heads: rows of 1/N.
+    std::vector<float> teacher(size_t(batch) * seq * seq, 1.f / seq), row_kl(lse.size());
+    std::vector<float> teacher_rowsum(size_t(batch) * seq, 1.f);
+    const std::vector<int64_t> shared = {int64_t(seq) * seq, 0, seq, 1};
+    std::printf("forward %d\n", emu_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), teacher.data(),
+                                           row_kl.data(), repeat(4, shared).data(), batch, heads, seq, dim,
+                                           scale_log2, dtype, 0));
     std::printf("maps %d\n", emu_maps(q.data(), k.data(), lse.data(), attn.data(), repeat(2, map).data(), batch, heads,
                                      seq, dim, scale_log2, dtype, 0, head_mean));
-    const void* tensors[9] = {q.data(), k.data(), v.data(), out.data(), dout.data(), dattn.data(),
-                              dq.data(), dk.data(), dv.data()};
-    const int flags[4] = {!shield, 1, 1, 1};
-    std::printf("backward %d\n", emu_backward(tensors, lse.data(), delta.data(), repeat(8, map).data(), batch, heads,
-                                             seq, dim, scale_log2, scale, head_mean ? 1.f / heads : 1.f, dtype, 0,
-                                             flags));
+    const float kl_grad = 1.f;
+    const void* tensors[12] = {q.data(), k.data(), v.data(), out.data(), dout.data(), dattn.data(), dq.data(),
+                               dk.data(), dv.data(), teacher.data(), teacher_rowsum.data(), &kl_grad};
+    std::vector<int64_t> strides = repeat(8, map);
+    strides.insert(strides.end(), shared.begin(), shared.end());
+    const std::vector<int64_t> rowsum = {seq, 0, 1};
+    strides.insert(strides.end(), rowsum.begin(), rowsum.end());
+    const int flags[5] = {!shield, 1, 1, 1, 1};
+    std::printf("backward %d\n", emu_backward(tensors, lse.data(), delta.data(), strides.data(), batch, heads, seq, dim,
+                                             scale_log2, scale, head_mean ? 1.f / heads : 1.f, 1.f / seq, dtype, 0,
+                                             0, flags));
 }
 
 }  // namespace
