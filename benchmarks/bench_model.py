@@ -1,8 +1,8 @@
 """Model level: one Synergistic block, the 6-block connector, and a full tokenizer training step.
 
 Providers: ``eager`` (the official code's way: the torch backend, maps materialized, topology KL on
-the maps) and ``ours`` (Triton kernels on CUDA, the torch backend elsewhere, with the fused topology
-loss: no N×N map for the loss). Both compute the same losses: block and connector run
+the maps), ``ours`` (Triton kernels on CUDA, the torch backend elsewhere, with the fused topology
+loss: no N×N map for the loss) and ``cuda`` (the CUDA C++ backend, fused loss too). Both compute the same losses: block and connector run
 forward+backward with the topology loss on the last block, ITC on its semantic export against random
 text embeddings, and a stand-in for the reconstruction path; the training step is the stage-2 step
 (reconstruction, topology, ITC; no perceptual backbone) with its AdamW update. ``img_per_s`` is
@@ -23,7 +23,7 @@ from muse.models.tokenizer import itc_loss, topology_kl_from_maps
 
 OP = "model"
 VARIANTS = ("block", "connector", "train_step")
-PROVIDERS = ("eager", "ours")
+PROVIDERS = ("eager", "ours", "cuda")
 MODES = ("fwd+bwd",)
 TEXT_DIM = 768
 
@@ -46,6 +46,10 @@ def _backend(provider: str, device: torch.device) -> tuple[str, bool]:
         return "torch", False
     if provider == "ours":
         return ("triton" if device.type == "cuda" else "torch"), True
+    if provider == "cuda":
+        if device.type != "cuda":
+            raise SkipCase("the CUDA C++ backend needs a CUDA device")
+        return "cuda", True
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
