@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_synergistic_attention import cuda_backend
 from benchmarks.common import Case, SkipCase
 from muse.models import SynergisticBlock
 from muse.models.tokenizer import itc_loss, topology_kl_from_maps
@@ -47,9 +48,7 @@ def _backend(provider: str, device: torch.device) -> tuple[str, bool]:
     if provider == "ours":
         return ("triton" if device.type == "cuda" else "torch"), True
     if provider == "cuda":
-        if device.type != "cuda":
-            raise SkipCase("the CUDA C++ backend needs a CUDA device")
-        return "cuda", True
+        return cuda_backend(device), True
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 

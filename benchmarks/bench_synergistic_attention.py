@@ -39,6 +39,19 @@ def ours_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def cuda_backend(device: torch.device) -> str:
+    """"cuda" once the CUDA C++ backend is loaded (built on first use), else the case is skipped."""
+    if device.type != "cuda":
+        raise SkipCase("the CUDA C++ backend needs a CUDA device")
+    from muse_kernels.ops.synergistic_attention_cuda import load_extension
+
+    try:
+        load_extension()
+    except (RuntimeError, OSError) as err:
+        raise SkipCase(f"the CUDA C++ backend is unavailable: {err}") from None
+    return "cuda"
+
+
 def make_qkv(shape: dict, dtype: torch.dtype, device: torch.device, requires_grad: bool):
     """q, k, v as a model produces them: views of one packed (B, N, 3, H, D) projection."""
     bsz, heads, seq, dim = shape["B"], shape["H"], shape["N"], shape["D"]
@@ -100,16 +113,7 @@ def forward_fn(provider: str, return_attn: str | None, attn_dtype: torch.dtype,
             return [out.transpose(1, 2)]
         return run
     if provider in ("ours", "cuda"):
-        backend = ours_backend(device) if provider == "ours" else "cuda"
-        if backend == "cuda":
-            if device.type != "cuda":
-                raise SkipCase("the CUDA C++ backend needs a CUDA device")
-            from muse_kernels.ops.synergistic_attention_cuda import load_extension
-
-            try:
-                load_extension()
-            except (RuntimeError, OSError) as err:
-                raise SkipCase(f"the CUDA C++ backend is unavailable: {err}") from None
+        backend = ours_backend(device) if provider == "ours" else cuda_backend(device)
 
         def run(q, k, v):
             out, attn = synergistic_attention(q, k, v, return_attn=return_attn, attn_dtype=attn_dtype,

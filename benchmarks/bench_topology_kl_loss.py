@@ -3,7 +3,8 @@
 Providers: ``eager`` (the official code: maps materialized, shielded output, KL on the maps),
 ``sdpa_flash`` (attention alone, no maps, no loss: the speed and memory bar the fused loss is held
 to), ``ours`` (``synergistic_attention(..., teacher=)``: one fused forward, no N×N map for
-``per_head``, only the (B, N, N) head mean for ``head_mean``). The ``loss_only`` variants time
+``per_head``, only the (B, N, N) head mean for ``head_mean``) and ``cuda`` (the same on the CUDA C++
+backend). The ``loss_only`` variants time
 ``topology_kl_loss`` alone against the eager loss on materialized maps.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.bench_synergistic_attention import _sdpa_context, attention_flops, make_qkv, ours_backend
+from benchmarks.bench_synergistic_attention import (_sdpa_context, attention_flops, cuda_backend, make_qkv,
+                                                    ours_backend)
 from benchmarks.common import Case, SkipCase, build_cases
 from muse_kernels import synergistic_attention, topology_kl_loss
 from muse_kernels.reference import synergistic_attention_with_kl_reference, topology_kl_loss_reference
@@ -24,7 +26,7 @@ VARIANTS = {
     "kl_only_per_head": ("per_head", False),
     "kl_only_head_mean": ("head_mean", False),
 }
-PROVIDERS = ("eager", "sdpa_flash", "ours")
+PROVIDERS = ("eager", "sdpa_flash", "ours", "cuda")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -49,8 +51,8 @@ def step_fn(provider: str, reduction: str, with_attention: bool, device: torch.d
             with _sdpa_context("flash"):
                 return [torch.nn.functional.scaled_dot_product_attention(q, k, v)]
         return run
-    if provider == "ours":
-        backend = ours_backend(device)
+    if provider in ("ours", "cuda"):
+        backend = ours_backend(device) if provider == "ours" else cuda_backend(device)
         if with_attention:
             return lambda q, k, v, t: list(synergistic_attention(
                 q, k, v, teacher=t, kl_reduction=reduction, validate_teacher=False, backend=backend))
