@@ -17,7 +17,7 @@ import torch
 from muse_kernels import synergistic_attention
 from muse_kernels.ops.synergistic_attention_cuda import CSRC, load_extension
 from test_synergistic_attention import DTYPES, MODES, SEQ_LENS, check_parity
-from test_topology_kl_loss import KL_CASES, KL_IDS, check_loss_parity
+from test_topology_kl_loss import KL_CASES, KL_IDS, check_fused_attention_and_loss, check_loss_parity
 
 NVCC = shutil.which("nvcc")
 CUDA_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
@@ -108,6 +108,14 @@ def test_cuda_backend_rejects_unsupported_head_dims_gpu():
 @pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
 def test_cuda_topology_loss_parity_gpu(seq, dtype, reduction, shared):
     check_loss_parity((2, 3, seq, 64), dtype, CUDA, reduction, shared, layout="bnhd", backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", (1, 17, 100))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
+def test_cuda_fused_attention_and_loss_gpu(seq, dtype, reduction, shared):
+    check_fused_attention_and_loss((2, 3, seq, 64), dtype, CUDA, reduction, shared, backend="cuda")
 
 
 @pytest.mark.gpu

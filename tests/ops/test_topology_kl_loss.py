@@ -70,15 +70,12 @@ def test_loss_parity_head_dims(dim, device):
     check_loss_parity((1, 2, 70, dim), torch.float32, device, "head_mean", True, layout="sliced")
 
 
-@pytest.mark.parametrize("seq", (1, 17, 100))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
-def test_fused_attention_and_loss(seq, dtype, reduction, shared, device):
+def check_fused_attention_and_loss(shape, dtype, device, reduction, shared, backend="triton"):
     """synergistic_attention(..., teacher=) = shielded attention output + the KL, with dV from dO and
     dQ/dK from the KL only."""
-    shape = (2, 3, seq, 32)
+    bsz, heads, seq, _ = shape
     q, k, v = make_qkv(shape, dtype, device, "bnhd")
-    teacher = make_teacher(2, seq, None if shared else 3, _teacher_dtype(dtype), device)
+    teacher = make_teacher(bsz, seq, None if shared else heads, _teacher_dtype(dtype), device)
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(5))
 
     def run(q, k, v, teacher, grad_out, backend):
@@ -90,15 +87,22 @@ def test_fused_attention_and_loss(seq, dtype, reduction, shared, device):
         return (out, loss, *_grads(total, (q, k, v)))
 
     grad_out = grad_out.to(device)
-    ours = run(q, k, v, teacher, grad_out, "triton")
+    ours = run(q, k, v, teacher, grad_out, backend)
     eager = run(q, k, v, teacher, grad_out, "torch")
     ref = run(*(x.double() for x in (q, k, v, teacher, grad_out)), "torch")
     for name, o, e, r in zip(("out", "loss", "dq", "dk", "dv"), ours, eager, ref):
         assert_flash_rule(name, o, e, r, dtype)
     # The output's gradient never reaches q, k: they match the loss-only gradients.
     qo, ko = (x.detach().requires_grad_() for x in (q, k))
-    alone = _grads(topology_kl_loss(qo, ko, teacher, reduction=reduction, backend="triton"), (qo, ko))
+    alone = _grads(topology_kl_loss(qo, ko, teacher, reduction=reduction, backend=backend), (qo, ko))
     assert torch.equal(ours[2], alone[0]) and torch.equal(ours[3], alone[1])
+
+
+@pytest.mark.parametrize("seq", (1, 17, 100))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
+def test_fused_attention_and_loss(seq, dtype, reduction, shared, device):
+    check_fused_attention_and_loss((2, 3, seq, 32), dtype, device, reduction, shared)
 
 
 class _AllocationTracker(TorchDispatchMode):
