@@ -112,10 +112,24 @@ __device__ __forceinline__ BlockPlace block_place(int seq, int heads, int block_
     return place;
 }
 
-// (ROWS × D) tile of a (B, H, N, D) tensor's (b, h) slice, rows from `first`, zero past `seq`.
+// (ROWS × D) tile of a (B, H, N, D) tensor's (b, h) slice, rows from `first`, zero past `seq`. 16-byte
+// loads and stores when the slice and its row stride allow them (the padded tile rows always do),
+// element by element otherwise.
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_rows(T* tile, const T* slice, int64_t row_stride, int first, int seq) {
     constexpr int LD = Pad<D>::kInput;
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    static_assert(D % VEC == 0 && (LD * sizeof(T)) % 16 == 0, "tile rows must hold whole 16-byte vectors");
+    if (reinterpret_cast<uintptr_t>(slice) % 16 == 0 && row_stride % VEC == 0) {
+        for (int i = threadIdx.x; i < ROWS * (D / VEC); i += THREADS) {
+            const int r = i / (D / VEC), d = i % (D / VEC) * VEC;
+            const int row = first + r;
+            uint4 value = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: 0.0 in fp32, fp16 and bf16 alike
+            if (row < seq) value = *reinterpret_cast<const uint4*>(slice + static_cast<int64_t>(row) * row_stride + d);
+            *reinterpret_cast<uint4*>(tile + r * LD + d) = value;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
         const int r = i / D, d = i % D;
         const int row = first + r;

@@ -241,3 +241,18 @@ def test_emulated_cuda_kernels_have_no_data_races(tmp_path):
         pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[:300]}")
     assert run.returncode == 0 and "WARNING: ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
     assert run.stdout.split() == ["forward", "0", "maps", "0", "backward", "0"] * 6
+
+
+def test_emulated_cuda_backend_unaligned_rows(monkeypatch):
+    """Slices one element into a buffer of odd row length (no 16-byte alignment) load element by element."""
+    import test_synergistic_attention as attention_tests
+
+    def offset_views(shape, dtype, device, layout="contiguous", seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        base = torch.randn(3, *shape[:-1], shape[-1] + 1, generator=gen).to(device=device, dtype=dtype)
+        return [base[i, ..., 1:] for i in range(3)]
+
+    q = offset_views((1, 2, 9, 64), torch.bfloat16, CPU)[0]
+    assert q.data_ptr() % 16 != 0 and q.stride(2) % 8 != 0 and q.stride(3) == 1
+    monkeypatch.setattr(attention_tests, "make_qkv", offset_views)
+    check_parity((1, 2, 45, 64), torch.bfloat16, CPU, return_attn="per_head", shield=False, backend=emulated_attention)
