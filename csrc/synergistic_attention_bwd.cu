@@ -18,12 +18,15 @@ __device__ __forceinline__ float grad_attn_at(const BackwardParams& p, int64_t b
     return p.grad_attn_weight * load_map(p.grad_attn, p.grad_attn_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
 }
 
-// The per-head KL's share of dS at (row, col): weight · (rowsum(t)·P − t); weight = kl_grad · kl_scale.
-__device__ __forceinline__ float kl_logit_grad(const BackwardParams& p, float weight, int64_t b, int64_t h, int row,
-                                               int col, float prob) {
+__device__ __forceinline__ float teacher_at(const BackwardParams& p, int64_t b, int64_t h, int row, int col) {
     const MapStrides& s = p.teacher_strides;
+    return load_map(p.teacher, p.teacher_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
+}
+
+// The per-head KL's share of dS at a row: weight · (rowsum(t)·P − t); weight = kl_grad · kl_scale.
+__device__ __forceinline__ float kl_logit_grad(const BackwardParams& p, float weight, int64_t b, int64_t h, int row,
+                                               float prob, float t) {
     const RowStrides& r = p.teacher_rowsum_strides;
-    const float t = load_map(p.teacher, p.teacher_dtype, b * s.b + h * s.h + row * s.m + col * s.n);
     return weight * (p.teacher_rowsum[b * r.b + h * r.h + row * r.n] * prob - t);
 }
 
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
                     float dp = p.out_to_qk ? dprobs[r * Smem::LDS + c] : 0.f;
                     if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
                     ds = prob * (dp - delta[r]);
-                    if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, col, prob);
+                    if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
                 }
                 dlogits[r * Smem::LDP + c] = from_float<T>(ds);
             }
@@ -168,11 +171,12 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
 template <typename T, int D, int BM, int BN>
 struct DkvSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BM>::kFloat, LDP = Pad<BM>::kInput, LDO = Pad<D>::kFloat;
-    enum { kK, kV, kQ, kDout, kProbsT, kDprobsT, kOperandT, kDk, kDv, kLse, kDelta };
-    static constexpr Carving<11> kCarving = carve(
+    static constexpr int LDM = BN + 1;  // odd: reading a column of the staged map is free of bank conflicts
+    enum { kK, kV, kQ, kDout, kProbsT, kDprobsT, kOperandT, kDk, kDv, kLse, kDelta, kMap };
+    static constexpr Carving<12> kCarving = carve(
         {tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BM, LDT), tile_bytes<T>(BM, LDT),
          tile_bytes<float>(BN, LDS), tile_bytes<float>(BN, LDS), tile_bytes<T>(BN, LDP), tile_bytes<float>(BN, LDO),
-         tile_bytes<float>(BN, LDO), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1)});
+         tile_bytes<float>(BN, LDO), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, LDM)});
     static_assert(kCarving.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
 };
 
@@ -194,6 +198,9 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
     float* dv_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDv]);
     float* lse = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLse]);
     float* delta = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDelta]);
+    // The (query × key) tile of the maps' gradient, or of the teacher, read row by row (coalesced) and
+    // used column by column: a warp here owns key rows, so reading the map directly would stride.
+    float* map_tile = reinterpret_cast<float*>(smem + kAt.offset[Smem::kMap]);
 
     const int seq = p.shape.seq;
     const BlockPlace place = block_place(seq, p.shape.heads, BN);
@@ -201,6 +208,9 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
     const int n0 = place.first, lane = place.lane, r0 = place.band;
     const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
     const bool need_dout = p.compute_dv || p.out_to_qk;
+    // One staged map per block: the maps' gradient, else the teacher (the API never passes both).
+    const bool stage_grad_attn = p.compute_dqk && p.has_grad_attn;
+    const bool stage_teacher = p.compute_dqk && p.has_teacher && !p.has_grad_attn;
 
     load_rows<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
                                  p.k_strides.n, n0, seq);
@@ -222,6 +232,17 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
             // +inf for padded query rows makes their probabilities exactly 0.
             lse[c] = row < seq ? p.lse[bh * seq + row] : INFINITY;
             delta[c] = row < seq && p.compute_dqk ? p.delta[bh * seq + row] : 0.f;
+        }
+        if (stage_grad_attn || stage_teacher) {
+            for (int i = threadIdx.x; i < BM * BN; i += THREADS) {
+                const int c = i / BN, r = i % BN;
+                const int row = m0 + c, col = n0 + r;
+                float value = 0.f;
+                if (row < seq && col < seq) {
+                    value = stage_grad_attn ? grad_attn_at(p, b, h, row, col) : teacher_at(p, b, h, row, col);
+                }
+                map_tile[c * Smem::LDM + r] = value;
+            }
         }
         __syncthreads();
         for (int j = 0; j < BM; j += 16) {
@@ -259,9 +280,13 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
                     if (row < seq && col < seq) {
                         const float prob = probs_t[r * Smem::LDS + c];
                         float dp = p.out_to_qk ? dprobs_t[r * Smem::LDS + c] : 0.f;
-                        if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
+                        if (stage_grad_attn) dp += map_tile[c * Smem::LDM + r];
                         ds = prob * (dp - delta[c]);
-                        if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, col, prob);
+                        if (stage_teacher) {
+                            ds += kl_logit_grad(p, kl_weight, b, h, row, prob, map_tile[c * Smem::LDM + r]);
+                        } else if (p.has_teacher) {
+                            ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
+                        }
                     }
                     operand_t[r * Smem::LDP + c] = from_float<T>(ds);
                 }
