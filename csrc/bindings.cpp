@@ -192,7 +192,9 @@ std::vector<at::Tensor> backward(const std::optional<at::Tensor>& grad_out, cons
     // Shielded with no gradient on the maps: Q and K receive exactly zero.
     at::Tensor dq = p.compute_dqk ? at::empty_like(q) : at::zeros_like(q);
     at::Tensor dk = p.compute_dqk ? at::empty_like(k) : at::zeros_like(k);
-    at::Tensor dv = !v.has_value() ? at::empty({0}, q.options()) : (p.compute_dv ? at::empty_like(*v) : at::zeros_like(*v));
+    at::Tensor dv = !v.has_value()  ? at::empty({0}, q.options())
+                    : p.compute_dv ? at::empty_like(*v)
+                                   : at::zeros_like(*v);
     if (!p.compute_dqk && !p.compute_dv) return {dq, dk, dv};
     at::Tensor delta = at::empty({shape.batch, shape.heads, shape.seq}, q.options().dtype(at::kFloat));
     at::Tensor teacher_rowsum, kl_grad32;
@@ -233,9 +235,9 @@ std::vector<at::Tensor> backward(const std::optional<at::Tensor>& grad_out, cons
     p.dk_strides = row_strides(dk);
     if (dattn.defined()) {
         p.grad_attn_dtype = to_map_dtype(dattn, "grad_attn");
-        p.grad_attn_strides = head_mean
-                                  ? muse::MapStrides{dattn.stride(0), 0, dattn.stride(1), dattn.stride(2)}
-                                  : muse::MapStrides{dattn.stride(0), dattn.stride(1), dattn.stride(2), dattn.stride(3)};
+        p.grad_attn_strides =
+            head_mean ? muse::MapStrides{dattn.stride(0), 0, dattn.stride(1), dattn.stride(2)}
+                      : muse::MapStrides{dattn.stride(0), dattn.stride(1), dattn.stride(2), dattn.stride(3)};
         p.grad_attn_weight = head_mean ? 1.f / static_cast<float>(shape.heads) : 1.f;
     }
     p.shape = shape;

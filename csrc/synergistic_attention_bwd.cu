@@ -145,7 +145,9 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
                     float dp = p.out_to_qk ? dprobs[r * Smem::LDS + c] : 0.f;
                     if (p.has_grad_attn) dp += grad_attn_at(p, b, h, row, col);
                     ds = prob * (dp - delta[r]);
-                    if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
+                    if (p.has_teacher) {
+                        ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
+                    }
                 }
                 dlogits[r * Smem::LDP + c] = from_float<T>(ds);
             }

@@ -11,10 +11,10 @@ template <typename T, int D, int BM, int BN>
 struct ForwardSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat, LDP = Pad<BN>::kInput, LDO = Pad<D>::kFloat;
     enum { kQ, kK, kV, kLogits, kProbs, kAcc, kRowMax, kRowSum, kTeacherSums };
-    static constexpr Carving<9> kCarving = carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT),
-                                                  tile_bytes<float>(BM, LDS), tile_bytes<T>(BM, LDP),
-                                                  tile_bytes<float>(BM, LDO), tile_bytes<float>(BM, 1),
-                                                  tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 3)});
+    static constexpr Carving<9> kCarving =
+        carve({tile_bytes<T>(BM, LDT), tile_bytes<T>(BN, LDT), tile_bytes<T>(BN, LDT), tile_bytes<float>(BM, LDS),
+               tile_bytes<T>(BM, LDP), tile_bytes<float>(BM, LDO), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1),
+               tile_bytes<float>(BM, 3)});
     static_assert(kCarving.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
 };
 
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
     float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
     float* row_max = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowMax]);
     float* row_sum = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowSum]);
-    // Per row: Σ t·log t, Σ t·s (log2 units), Σ t. KL(t ‖ A) = Σ t·log t − ln2·(Σ t·s − lse2·Σ t) needs
-    // nothing else, and none of the sums depends on the running maximum.
+    // Per row: Σ t·log t, Σ t·s (log2 units), Σ t. KL(t ‖ A) = Σ t·log t − ln2·(Σ t·s − lse2·Σ t)
+    // needs nothing else, and none of the sums depends on the running maximum.
     float* teacher_sums = reinterpret_cast<float*>(smem + kAt.offset[Smem::kTeacherSums]);
 
     const int seq = p.shape.seq;
@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
             if (has_teacher && m0 + r < seq) {
                 float t_logt = 0.f, t_s = 0.f, t_sum = 0.f;
                 for (int c = lane; c < BN && n0 + c < seq; c += 32) {
-                    const float t = load_map(p.teacher, p.teacher_dtype,
-                                             teacher_base + (m0 + r) * p.teacher_strides.m + (n0 + c) * p.teacher_strides.n);
+                    const int64_t index = teacher_base + (m0 + r) * p.teacher_strides.m + (n0 + c) * p.teacher_strides.n;
+                    const float t = load_map(p.teacher, p.teacher_dtype, index);
                     t_logt += t > 0.f ? t * logf(t) : 0.f;
                     t_s += t * logits[r * Smem::LDS + c] * p.qk_scale_log2;
                     t_sum += t;

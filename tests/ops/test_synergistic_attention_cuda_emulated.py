@@ -256,3 +256,10 @@ def test_emulated_cuda_backend_unaligned_rows(monkeypatch):
     assert q.data_ptr() % 16 != 0 and q.stride(2) % 8 != 0 and q.stride(3) == 1
     monkeypatch.setattr(attention_tests, "make_qkv", offset_views)
     check_parity((1, 2, 45, 64), torch.bfloat16, CPU, return_attn="per_head", shield=False, backend=emulated_attention)
+
+
+@pytest.mark.parametrize("reduction,shared", KL_CASES, ids=KL_IDS)
+def test_emulated_cuda_topology_loss_several_images(reduction, shared):
+    # B = 2: the batch strides of q, k, the teacher and its row sums are all exercised.
+    check_loss_parity((2, 3, 37, 64), torch.bfloat16, CPU, reduction, shared, layout="sliced",
+                      backend=_emulated_loss)
