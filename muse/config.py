@@ -104,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"model.topo_reduction must be 'head_mean' or 'per_head', got {self.topo_reduction!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.backend not in ("auto", "triton", "torch", "cuda"):
+            raise ValueError(f"model.backend must be auto, triton, torch or cuda, got {self.backend!r}")
 
 
 @dataclass

@@ -47,3 +47,13 @@ def test_paper_variant_differs_only_where_table_9_does(stage):
         optim=dataclasses.replace(official.optim, weight_decay=0.05),
         train=dataclasses.replace(official.train, out_dir=paper.train.out_dir, init_weight=paper.train.init_weight))
     assert paper == expected
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.backend=flash", "model.backend must be auto, triton, torch or cuda"),
+    ("model.supervise=first", "model.supervise must be 'last' or 'all'"),
+    ("model.num_heads=7", "must be divisible by model.num_heads"),
+])
+def test_model_config_errors_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", [override])
