@@ -337,6 +337,23 @@ def read_once(shards: list[str], image_size: int):
             yield {"key": raw["__key__"], **sample}
 
 
+def batched(samples, batch_size: int, limit: int | None = None):
+    """Lists of up to ``batch_size`` samples, at most ``limit`` samples in all (None: every one)."""
+    if limit is not None and limit <= 0:
+        return
+    batch, count = [], 0
+    for sample in samples:
+        batch.append(sample)
+        count += 1
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+        if count == limit:  # stop before decoding one sample more
+            break
+    if batch:
+        yield batch
+
+
 def collate(samples: list[dict]) -> dict:
     """A batch, with the furthest raw position it reached per part (what a checkpoint records)."""
     positions: dict[int, int] = {}

@@ -22,6 +22,9 @@ from muse_kernels.reference import (
 )
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
+# The compiled backends' (attention, topology KL) ops, with one contract.
+KERNELS = {"triton": (synergistic_attention_triton, topology_kl_triton),
+           "cuda": (synergistic_attention_cuda, topology_kl_cuda)}
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The eager backend also takes fp64, for references and gradient checks.
 TORCH_BACKEND_DTYPES = (*INPUT_DTYPES, torch.float64)
@@ -161,8 +164,7 @@ def topology_kl_loss(
         return topology_kl_loss_reference(q, k, teacher, scale=scale, reduction=reduction, eps=eps)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, teacher = _last_dim_contiguous(q, k, teacher)
-    loss_op = topology_kl_cuda if resolved == "cuda" else topology_kl_triton
-    return loss_op(q, k, None, teacher, scale, reduction, eps, validate)[1]
+    return KERNELS[resolved][1](q, k, None, teacher, scale, reduction, eps, validate)[1]
 
 
 def synergistic_attention(
@@ -230,8 +232,7 @@ def synergistic_attention(
                                                        eps=kl_eps)
     _check_kernel_inputs(q, resolved, teacher)
     q, k, v, teacher = _last_dim_contiguous(q, k, v, teacher)
+    attention, topology_kl = KERNELS[resolved]
     if teacher is not None:
-        loss_op = topology_kl_cuda if resolved == "cuda" else topology_kl_triton
-        return loss_op(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
-    kernel = synergistic_attention_cuda if resolved == "cuda" else synergistic_attention_triton
-    return kernel(q, k, v, scale, return_attn, attn_dtype, shield)
+        return topology_kl(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
+    return attention(q, k, v, scale, return_attn, attn_dtype, shield)

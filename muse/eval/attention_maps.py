@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from muse.data import list_images, preprocess
-from muse.eval.common import add_device_argument
+from muse.eval.common import add_model_arguments
 from muse.training.analysis import heat_picture, to_uint8
 
 log = logging.getLogger("muse.eval")
@@ -111,11 +111,9 @@ def parse_query(text: str | None, grid: tuple[int, int]) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Student vs teacher attention maps")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint")
+    add_model_arguments(parser)
     parser.add_argument("--images", required=True, help="an image file or a folder of images")
     parser.add_argument("--query", help="ROW,COL of the query token on the token grid (default: the centre)")
-    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

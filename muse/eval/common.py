@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from muse.models import MuseTokenizer
 
 
-def add_device_argument(parser) -> None:
+def add_model_arguments(parser) -> None:
+    """--config, --checkpoint and --device: which tokenizer a tool loads, and where it runs."""
+    parser.add_argument("--config", required=True, help="a shipped config name (tiny, muse_1b/stage3) or a YAML path")
+    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the tokenizer runs (default: cuda when available)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from muse.data import read_once
+from muse.data import batched, read_once
 
 log = logging.getLogger("muse.eval")
 
@@ -31,7 +31,7 @@ class FeatureSet:
     keys: list[str]
 
 
-def _progress(total: int | None, desc: str):
+def progress_bar(total: int | None, desc: str):
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -50,34 +50,20 @@ def extract_features(model, shards: list[str], kind: str = "latents", pooled: bo
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     features, labels, segs, keys = [], [], [], []
     grid = (0, 0)
-    bar = _progress(max_images, desc)
-
-    def flush(batch):
-        nonlocal grid
-        images = torch.stack([s["image"] for s in batch]).to(device)
-        out = model.features(images)
+    bar = progress_bar(max_images, desc)
+    for batch in batched(read_once(shards, model.cfg.image_size), batch_size, max_images):
+        out = model.features(torch.stack([s["image"] for s in batch]).to(device))
         if kind == "embeds":
             features.append(out.image_embeds.float().cpu())
         else:
             tokens = out.latents if kind == "latents" else out.semantic
             features.append((tokens.mean(dim=1) if pooled else tokens).float().cpu())
         grid = out.grid
+        labels += [s["cls"] for s in batch]
+        segs += [s.get("seg") for s in batch]
+        keys += [s["key"] for s in batch]
         if bar is not None:
             bar.update(len(batch))
-
-    batch = []
-    for sample in read_once(shards, model.cfg.image_size):
-        batch.append(sample)
-        labels.append(sample["cls"])
-        segs.append(sample.get("seg"))
-        keys.append(sample["key"])
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-        if max_images is not None and len(keys) >= max_images:
-            break
-    if batch:
-        flush(batch)
     if bar is not None:
         bar.close()
     if not keys:

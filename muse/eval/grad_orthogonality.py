@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from muse.data import ShardStream, Source, collate, expand_shards
-from muse.eval.common import add_device_argument
+from muse.eval.common import add_model_arguments
 from muse.losses import reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.analysis import gradient_cosines
@@ -112,12 +112,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Gradient cosines between MUSE's losses, MUSE vs naive blocks")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
+    add_model_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
-    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

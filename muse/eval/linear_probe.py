@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from muse.eval.common import add_device_argument
+from muse.eval.common import add_model_arguments
 from muse.eval.features import KINDS, FeatureSet, cache_key, cached_features, extract_features
 from muse.eval.probe import ProbeSettings, Standardize, fit
 
@@ -63,8 +63,7 @@ def linear_probe(train: FeatureSet, val: FeatureSet, settings: ProbeSettings = P
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments every feature-reading probe shares."""
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
+    add_model_arguments(parser)
     parser.add_argument("--train-shards", required=True, help="shard pattern with labels")
     parser.add_argument("--val-shards", required=True, help="shard pattern with labels")
     parser.add_argument("--feature", choices=KINDS, default="semantic",
@@ -72,7 +71,6 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, help="at most this many training images")
     parser.add_argument("--max-val", type=int, help="at most this many validation images")
     parser.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
-    add_device_argument(parser)
     parser.add_argument("--cache", help="folder for cached features (default: no cache)")
     parser.add_argument("--epochs", type=int, default=ProbeSettings.epochs)
     parser.add_argument("--lr", type=float, default=ProbeSettings.lr)

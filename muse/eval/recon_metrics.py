@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from muse.eval.common import add_device_argument
+from muse.eval.common import add_model_arguments
 from muse.eval.metrics import psnr, ssim
 
 log = logging.getLogger("muse.eval")
@@ -102,26 +102,9 @@ def measure(model, batches, metrics: ReconstructionMetrics, device="cpu", progre
     return metrics.compute()
 
 
-def _batches(shards: list[str], image_size: int, batch_size: int, max_images: int | None):
-    from muse.data import read_once
-
-    batch, count = [], 0
-    for sample in read_once(shards, image_size):
-        batch.append(sample["image"])
-        count += 1
-        if len(batch) == batch_size or (max_images is not None and count >= max_images):
-            yield torch.stack(batch)
-            batch = []
-        if max_images is not None and count >= max_images:
-            return
-    if batch:
-        yield torch.stack(batch)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Reconstruction metrics: PSNR, SSIM, LPIPS, rFID")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
+    add_model_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern of evaluation images")
     parser.add_argument("--max-images", type=int, help="default: every image in the shards")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -129,23 +112,24 @@ def main(argv=None) -> int:
                         help="torch-fidelity's pt_inception-2015-12-05 weights file (default: $MUSE_INCEPTION_WEIGHTS)")
     parser.add_argument("--lpips-net", choices=("vgg", "alex", "squeeze"), default="vgg")
     parser.add_argument("--skip", action="append", choices=("lpips", "fid"), default=[])
-    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from muse.data import expand_shards
     from muse.eval.common import load_tokenizer
-    from muse.eval.features import _progress
+    from muse.data import batched, read_once
+    from muse.eval.features import progress_bar
 
     try:
         shards = expand_shards(args.shards)
         lpips = None if "lpips" in args.skip else build_lpips(args.lpips_net).to(args.device)
         fid = None if "fid" in args.skip else build_fid(args.inception_weights).to(args.device)
         model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
-        bar = _progress(args.max_images, "reconstructing")
+        bar = progress_bar(args.max_images, "reconstructing")
         try:
-            report = measure(model, _batches(shards, cfg.model.image_size, args.batch_size, args.max_images),
-                             ReconstructionMetrics(lpips, fid), args.device, bar)
+            batches = (torch.stack([s["image"] for s in batch]) for batch in
+                       batched(read_once(shards, cfg.model.image_size), args.batch_size, args.max_images))
+            report = measure(model, batches, ReconstructionMetrics(lpips, fid), args.device, bar)
         finally:
             if bar is not None:
                 bar.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muse.eval.common import add_device_argument
+from muse.eval.common import add_model_arguments
 from muse.eval.features import extract_features
 from muse.eval.linear_probe import topk_accuracy
 
@@ -98,14 +98,12 @@ def zero_shot_scores(image_embeds: torch.Tensor, class_embeds: torch.Tensor, lab
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Zero-shot classification with the ITC head and text encoder")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
+    add_model_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern with .cls labels")
     parser.add_argument("--classes", help="class names, one per line (default: ImageNet-1k's)")
     parser.add_argument("--templates", help="prompt templates with '{}', one per line (default: built-in)")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--batch-size", type=int, default=32)
-    add_device_argument(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -179,3 +179,18 @@ def test_segmentation_labels_must_match_the_image(tmp_path):
         write_shards([{"image": image, "caption": "", "seg": labels[:, :49]}], tmp_path)
     with pytest.raises(ValueError, match="8-bit"):
         write_shards([{"image": image, "caption": "", "seg": Image.fromarray(labels.astype(np.int32))}], tmp_path)
+
+
+def test_batched_stops_at_the_limit_without_reading_further():
+    from muse.data import batched
+
+    read = []
+
+    def samples():
+        for i in range(10):
+            read.append(i)
+            yield i
+
+    assert list(batched(samples(), 3, limit=7)) == [[0, 1, 2], [3, 4, 5], [6]] and read == list(range(7))
+    assert list(batched(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(batched(range(5), 2, limit=0)) == []
