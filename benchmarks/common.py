@@ -103,6 +103,11 @@ def measure(case: Case, device: torch.device, copy_gbps: float | None, reps: int
     except torch.OutOfMemoryError:
         result.status, result.reason = "oom", "out of memory"
         return result
+    except (RuntimeError, ValueError) as error:
+        # One provider failing at one shape is a result to report, not a reason to lose the run.
+        log.exception("%s %s %s %s failed", case.op, case.provider, case.variant, case.mode)
+        result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return result
     result.ms_median, result.ms_p20, result.ms_p80 = median, p20, p80
     if case.flops:
         result.tflops = case.flops / (median * 1e-3) / 1e12

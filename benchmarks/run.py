@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 
 import torch
@@ -33,6 +34,10 @@ def shape_set(name: str) -> list[dict]:
     if name == "smoke":
         return [dict(B=1, H=2, N=n, D=16) for n in (16, 33)]
     raise ValueError(f"unknown shape set {name!r}: muse, sweep or smoke")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def default_out_dir(info: dict) -> str:
@@ -78,8 +83,15 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     results = []
-    for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
-        results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5))
+    # A lease that ends mid-run (SIGTERM from a time limit) still writes every case measured so far.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
+            results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5))
+    except KeyboardInterrupt:
+        log.warning("interrupted after %d of %d cases: writing those", len(results), len(all_cases))
+        info["interrupted_after"] = f"{len(results)} of {len(all_cases)} cases"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the writing below takes seconds: let it finish
     out_dir = args.out or default_out_dir(info)
     paths = write_results(results, info, out_dir)
     checks = check_targets(results)

@@ -33,7 +33,7 @@ if wants build; then
     step build_cuda bash -c 'MAX_JOBS=16 MUSE_KERNELS_CUDA_ARCHS=$(python -c "import torch; print(\"%d.%d\" % torch.cuda.get_device_capability())") python setup.py build_ext --inplace'
 fi
 if wants tests; then
-    step gpu_tests python -m pytest -q -m gpu -p no:cacheprovider -rs
+    step gpu_tests python -m pytest -q -m gpu -p no:cacheprovider -rs -n "${PYTEST_WORKERS:-4}"
     step optional_dep_tests python -m pytest -q -p no:cacheprovider -rs tests/muse/test_losses.py tests/muse/eval/test_recon_metrics.py
 fi
 if wants bench; then
