@@ -154,10 +154,10 @@ def copy_bandwidth_gbps(device: torch.device, megabytes: int = 1024) -> float | 
     return 2 * n * 4 / (median * 1e-3) / 1e9
 
 
-def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
+def provenance(device: torch.device, argv: list[str] | None = None, module: str = "benchmarks.run") -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.basename(sys.executable), "-m", "benchmarks.run", *(argv or sys.argv[1:])]),
+        "command": shlex.join([os.path.basename(sys.executable), "-m", module, *(argv or sys.argv[1:])]),
         "git_sha": _git_sha(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         log.error("no CUDA device: profiling needs a GPU")
         return 2
     device = torch.device("cuda")
-    info = provenance(device, argv if argv is not None else sys.argv[1:])
+    info = provenance(device, argv if argv is not None else sys.argv[1:], "benchmarks.profile_kernels")
     rows = []
     for op in args.ops:
         module = OPS[op]

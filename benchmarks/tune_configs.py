@@ -114,9 +114,9 @@ def main(argv=None) -> int:
                     log.info("%-4s %s: fastest %.4f ms vs current %.4f ms", family, shape, timed[0]["ms"], now["ms"])
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        info = provenance(torch.device("cuda"), argv or sys.argv[1:], "benchmarks.tune_configs")
         with open(os.path.join(args.out, "tune.json"), "w") as f:
-            json.dump({"provenance": provenance(torch.device("cuda"), argv or sys.argv[1:]), "rows": results}, f,
-                      indent=1)
+            json.dump({"provenance": info, "rows": results}, f, indent=1)
     return 0
 
 
