@@ -72,7 +72,8 @@ class Connector(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x).x
         if self.fused:
-            out = self.blocks[-1](x, teacher=teacher, kl_reduction="head_mean")
+            # As the tokenizer does: its teacher is renormalized by construction, and the check syncs.
+            out = self.blocks[-1](x, teacher=teacher, kl_reduction="head_mean", validate_teacher=False)
             topo = out.loss_topo
         else:
             out = self.blocks[-1](x, return_attn="head_mean")

@@ -59,10 +59,11 @@ class SynergisticAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, return_attn: str | None = None, teacher: torch.Tensor | None = None,
-                kl_reduction: str = "head_mean"):
+                kl_reduction: str = "head_mean", validate_teacher: bool = True):
         """(B, N, dim) → ``out``; ``(out, attn)`` with ``return_attn``; ``(out, kl_loss)`` with a
         ``teacher`` map ((B, N, N), or (B, H, N, N) for ``kl_reduction="per_head"``), computed by the
-        fused loss without materializing the maps."""
+        fused loss without materializing the maps. ``validate_teacher=False`` skips the check that
+        the teacher's rows are distributions (it reads the teacher and waits for the GPU)."""
         if x.dim() != 3:
             raise ValueError(f"x must be (batch, tokens, dim), got shape {tuple(x.shape)}")
         bsz, seq, dim = x.shape
@@ -75,8 +76,8 @@ class SynergisticAttention(nn.Module):
             q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
         out, extra = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            return_attn=return_attn, backend=self.backend, teacher=teacher,
-                                           shield=self.shield,
-                                           kl_reduction=kl_reduction)
+                                           shield=self.shield, kl_reduction=kl_reduction,
+                                           validate_teacher=validate_teacher)
         out = self.proj(out.transpose(1, 2).reshape(bsz, seq, dim))
         return out if extra is None else (out, extra)
 

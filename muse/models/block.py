@@ -49,11 +49,11 @@ class SynergisticBlock(SynergisticAttention):
         self.v_itc = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, return_attn: str | None = None, teacher: torch.Tensor | None = None,
-                kl_reduction: str = "head_mean") -> BlockOutput:
+                kl_reduction: str = "head_mean", validate_teacher: bool = True) -> BlockOutput:
         """``teacher`` (B, N, N) gives the fused topology loss; ``return_attn`` the maps instead."""
         v_itc = self.v_itc(x)
         attn_out = super().forward(self.norm1(x), return_attn=return_attn, teacher=teacher,
-                                   kl_reduction=kl_reduction)
+                                   kl_reduction=kl_reduction, validate_teacher=validate_teacher)
         extra = None
         if teacher is not None or return_attn is not None:
             attn_out, extra = attn_out

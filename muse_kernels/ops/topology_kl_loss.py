@@ -23,6 +23,7 @@ from muse_kernels.ops.synergistic_attention import (
     new_output_like,
     synergistic_attention_backward,
     synergistic_attention_forward,
+    use_eager_path,
 )
 
 KL_REDUCTIONS = ("head_mean", "per_head")
@@ -135,11 +136,34 @@ def register_topology_kl_ops(name: str, forward, backward):
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
+    class EagerTopologyKL(torch.autograd.Function):
+        """The ops' computation without the dispatcher, for eager calls (see ``EagerAttention``)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, teacher, scale, reduction, eps, validate):
+            if validate:
+                validate_teacher(teacher)
+            out, loss, lse, mean_map = topology_kl_forward(forward, q, k, v, teacher, scale, reduction, eps)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(q, k, v, out, lse, teacher, mean_map)
+            ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
+            return out, loss
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out, grad_loss):
+            q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
+            dq, dk, dv = topology_kl_backward(backward, grad_out if v is not None else None, grad_loss, q, k, v,
+                                              out, lse, teacher, mean_map, ctx.scale, ctx.reduction, ctx.eps)
+            return dq, dk, dv, None, None, None, None, None
+
     def topology_kl(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
         scale: float, reduction: str, eps: float, validate: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(out or None, loss)."""
+        if use_eager_path(q, k, v, teacher):
+            return EagerTopologyKL.apply(q, k, v, teacher, float(scale), reduction, float(eps), validate)
         out, loss, _lse, _mean_map = fwd_op(q, k, v, teacher, float(scale), reduction, float(eps), validate)
         return (out if v is not None else None), loss
 
