@@ -80,8 +80,23 @@ def _time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, float, float]
     return statistics.median(samples), qs[1], qs[7]
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph; the returned function replays it. Replays cost one
+    launch, so their time is the device's work alone, without the host's dispatch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(case: Case, device: torch.device, copy_gbps: float | None, reps: int = 5,
-            warmup_ms: int = 25, rep_ms: int = 100) -> Result:
+            warmup_ms: int = 25, rep_ms: int = 100, cuda_graphs: bool = False) -> Result:
     result = Result(case.op, case.provider, case.variant, case.mode, case.shape, case.dtype)
     try:
         fn = case.setup()
@@ -97,7 +112,7 @@ def measure(case: Case, device: torch.device, copy_gbps: float | None, reps: int
             fn()
             torch.cuda.synchronize()
             result.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            median, p20, p80 = _time_cuda(fn, warmup_ms, rep_ms)
+            median, p20, p80 = _time_cuda(cuda_graphed(fn) if cuda_graphs else fn, warmup_ms, rep_ms)
         else:
             median, p20, p80 = _time_cpu(fn, reps)
     except torch.OutOfMemoryError:
@@ -233,6 +248,8 @@ def markdown_table(results: list[Result], info: dict) -> str:
     head = (f"Device: {info.get('gpu') or info.get('cpu')}, driver {info.get('driver')}, torch {info['torch']}, "
             f"triton {info['triton']}, git {info['git_sha']}, {info['date']}\n"
             f"Command: `{info['command']}`\n")
+    if info.get("cuda_graphs"):
+        head += "Timing: CUDA graph replays (device time only, no host dispatch)\n"
     if info.get("copy_gbps"):
         head += f"Measured copy bandwidth: {info['copy_gbps']:.0f} GB/s\n"
     lines = [head, "| op | variant | mode | shape | dtype | provider | median ms (p20–p80) | TFLOP/s | GB/s "

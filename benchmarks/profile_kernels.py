@@ -53,6 +53,22 @@ def kernel_breakdown(fn, calls: int) -> tuple[float, list[tuple[str, float, int]
     return sum(totals.values()) / calls, kernels
 
 
+def host_profile(fn, calls: int, top: int) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=["synergistic_attention", "topology_kl_loss"])
@@ -62,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=("muse", "sweep"), default="muse")
     parser.add_argument("--calls", type=int, default=20, help="calls per measurement, after 3 warm-up calls")
     parser.add_argument("--top", type=int, default=4, help="kernels listed per case")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="K",
+                        help="also print the K Python functions with the most host time per case (cProfile)")
     parser.add_argument("--out", help="write profile.json and profile.md here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -88,6 +106,9 @@ def main(argv=None) -> int:
                 fn()
             wall = wall_ms_per_call(fn, args.calls)
             kernel_ms, kernels = kernel_breakdown(fn, args.calls)
+            if args.host_profile:
+                log.info("%s: host time by function over %d calls\n%s", label, args.calls,
+                         host_profile(fn, args.calls, args.host_profile))
             rows.append(dict(op=case.op, variant=case.variant, mode=case.mode, shape=case.shape,
                              provider=case.provider, wall_ms=wall, kernel_ms=kernel_ms,
                              kernels=[dict(name=n, ms=ms, launches=c) for n, ms, c in kernels]))

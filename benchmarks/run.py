@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<gpu>)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the harness, not speed")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time CUDA graph replays of each step: the device's time without host overhead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
     info = provenance(device, argv if argv is not None else sys.argv[1:])
     info["copy_gbps"] = copy_bandwidth_gbps(device)
+    info["cuda_graphs"] = args.cuda_graphs and device.type == "cuda"
     if info["copy_gbps"]:
         log.info("measured copy bandwidth: %.0f GB/s", info["copy_gbps"])
 
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
-            results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5))
+            results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5,
+                                   cuda_graphs=info["cuda_graphs"]))
     except KeyboardInterrupt:
         log.warning("interrupted after %d of %d cases: writing those", len(results), len(all_cases))
         info["interrupted_after"] = f"{len(results)} of {len(all_cases)} cases"
