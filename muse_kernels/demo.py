@@ -75,7 +75,9 @@ def run(batch: int, tokens: int, dim: int, heads: int, device: torch.device) -> 
     fused.zero_grad()
     out, _ = fused(x.to(device), return_attn="head_mean")
     out.pow(2).mean().backward()
-    leaked = max(fused.q_topo.weight.grad.abs().max().item(), fused.k_topo.weight.grad.abs().max().item())
+    # The shield gives the topology weights no gradient at all (None), as the reference does.
+    leaked = max(0.0 if p.grad is None else p.grad.abs().max().item()
+                 for p in (fused.q_topo.weight, fused.k_topo.weight))
     checks.append(("shield: output loss gives |dW_q|,|dW_k| = 0", leaked, 0.0))
 
     mode = "Triton interpreter on CPU" if os.environ.get("TRITON_INTERPRET") == "1" else str(device)

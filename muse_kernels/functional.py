@@ -191,8 +191,9 @@ def synergistic_attention(
         scale: logit scale, default D^-½.
         return_attn: None (no maps), ``"per_head"`` → (B, H, N, N), ``"head_mean"`` → (B, N, N).
         attn_dtype: dtype the maps are written in, fp32 or bf16.
-        shield: True (MUSE): dV = Aᵀ·dO and dQ, dK come only from the maps' gradient (exactly zero
-            when the maps are unused). False: ordinary attention gradients through both paths.
+        shield: True (MUSE): dV = Aᵀ·dO and dQ, dK come only from the maps' gradient; with the
+            maps unused q and k get no gradient (None, as through the reference's detached maps).
+            False: ordinary attention gradients through both paths.
         backend: ``"triton"``, ``"torch"`` (eager reference), ``"auto"`` (Triton on CUDA, torch
             otherwise), ``"cuda"`` (the compiled CUDA C++ backend: head dim 64 or 128; built on
             first use when not prebuilt).

@@ -51,7 +51,7 @@ def test_output_loss_never_reaches_topology_weights(device):
     out, attn = fused(torch.randn(2, 9, 64, device=device), return_attn="head_mean")
     out.pow(2).sum().backward()
     for name in ("q_topo", "k_topo", "q_norm", "k_norm"):
-        assert torch.count_nonzero(getattr(fused, name).weight.grad) == 0, name
+        assert getattr(fused, name).weight.grad is None, name
     for name in ("v_sem", "proj"):
         assert torch.count_nonzero(getattr(fused, name).weight.grad) > 0, name
 

@@ -577,7 +577,7 @@ def register_attention_ops(name: str, forward, backward):
     def backward_formula(ctx, grad_out, grad_attn, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = bwd_op(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.map_mode, ctx.shield)
-        return dq, dk, dv, None, None, None, None
+        return *route_qk_gradients(ctx, grad_attn, dq, dk), dv, None, None, None, None
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -602,7 +602,7 @@ def register_attention_ops(name: str, forward, backward):
             if ctx.map_mode == "none":
                 grad_attn = None
             dq, dk, dv = backward(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.shield)
-            return dq, dk, dv, None, None, None, None
+            return *route_qk_gradients(ctx, grad_attn, dq, dk), dv, None, None, None, None
 
     def attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -615,6 +615,15 @@ def register_attention_ops(name: str, forward, backward):
         return out, (None if return_attn is None else attn)
 
     return attention
+
+
+def route_qk_gradients(ctx, grad_attn: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor):
+    """Shielded, with the maps out of the loss, nothing reaches q and k: they get no gradient, as
+    with the reference's detached maps, rather than zeros, so that autograd prunes their whole
+    branch (RoPE, norms, projections) instead of back-propagating zeros through it."""
+    if ctx.shield and (ctx.map_mode == "none" or grad_attn is None):
+        return None, None
+    return dq, dk
 
 
 def use_eager_path(*tensors: torch.Tensor | None) -> bool:
