@@ -21,6 +21,7 @@ from benchmarks.bench_synergistic_attention import cuda_backend
 from benchmarks.common import Case, SkipCase
 from muse.models import SynergisticBlock
 from muse.models.tokenizer import itc_loss, topology_kl_from_maps
+from muse_kernels.ops.synergistic_attention_cuda import CUDA_HEAD_DIMS
 
 OP = "model"
 VARIANTS = ("block", "connector", "train_step")
@@ -111,6 +112,9 @@ def train_step(provider: str, shape: dict, dtype: torch.dtype, device: torch.dev
     # Random initialisation at the real component sizes: nothing is loaded.
     for part in (cfg.model.encoder, cfg.model.teacher, cfg.model.decoder, cfg.model.text):
         part.pretrained = None
+    head_dim = cfg.model.dim // cfg.model.num_heads
+    if backend == "cuda" and head_dim not in CUDA_HEAD_DIMS:
+        raise SkipCase(f"the CUDA C++ backend takes head dims {CUDA_HEAD_DIMS}; {shape['config']} has {head_dim}")
     cfg.loss.perceptual, cfg.loss.itc = 0.0, cfg.loss.itc or 0.2
     try:
         model = MuseTokenizer(cfg.model).to(device)

@@ -267,6 +267,16 @@ def markdown_table(results: list[Result], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# One colour per provider in every plot, so that plots can be compared at a glance.
+_PROVIDER_ORDER = ("eager", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "flash_attn2", "flash_attn3",
+                   "flash_attn4", "ours", "cuda")
+
+
+def _provider_color(provider: str) -> str:
+    index = _PROVIDER_ORDER.index(provider) if provider in _PROVIDER_ORDER else len(_PROVIDER_ORDER)
+    return f"C{index % 10}"
+
+
 def plot_results(results: list[Result], info: dict, out_dir: str) -> dict[str, str]:
     """Time and peak memory against N, one line per provider, one figure per (op, variant, mode, D)."""
     try:
@@ -289,9 +299,10 @@ def plot_results(results: list[Result], info: dict, out_dir: str) -> dict[str, s
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for provider in sorted({r.provider for r in rows}):
             pts = sorted((r.shape["N"], r.ms_median, r.peak_mem_mb) for r in rows if r.provider == provider)
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            style = dict(marker="o", label=provider, color=_provider_color(provider))
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             if all(p[2] is not None for p in pts):
-                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider)
+                axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
         if not axes[1].lines:
             axes[1].text(0.5, 0.5, "peak memory is measured on CUDA devices only", ha="center", va="center",
                          transform=axes[1].transAxes)

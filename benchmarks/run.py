@@ -18,7 +18,7 @@ import sys
 import torch
 
 from benchmarks import bench_model, bench_synergistic_attention, bench_topology_kl_loss
-from benchmarks.common import copy_bandwidth_gbps, measure, provenance, write_results
+from benchmarks.common import Result, copy_bandwidth_gbps, measure, provenance, write_results
 from benchmarks.targets import check_targets, checks_as_rows, targets_markdown
 
 log = logging.getLogger("benchmarks")
@@ -34,6 +34,19 @@ def shape_set(name: str) -> list[dict]:
     if name == "smoke":
         return [dict(B=1, H=2, N=n, D=16) for n in (16, 33)]
     raise ValueError(f"unknown shape set {name!r}: muse, sweep or smoke")
+
+
+def replot(out_dir: str) -> int:
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        log.error("--replot: %s does not exist", path)
+        return 2
+    with open(path) as f:
+        saved = json.load(f)
+    results = [Result(**row) for row in saved["results"]]
+    paths = write_results(results, saved["provenance"], out_dir)
+    log.info("rewrote %s", ", ".join(sorted(paths.values())))
+    return 0
 
 
 def _interrupt(signum, frame):
@@ -58,8 +71,12 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the harness, not speed")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time CUDA graph replays of each step: the device's time without host overhead")
+    parser.add_argument("--replot", metavar="DIR",
+                        help="no measuring: rewrite DIR's table and plots from its results.json (any machine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.replot:
+        return replot(args.replot)
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
@@ -93,6 +110,7 @@ def main(argv=None) -> int:
     results = []
     # A lease that ends mid-run (SIGTERM from a time limit) still writes every case measured so far.
     signal.signal(signal.SIGTERM, _interrupt)
+    log.info("measuring %d cases", len(all_cases))
     try:
         for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
             results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5,

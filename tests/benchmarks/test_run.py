@@ -71,6 +71,40 @@ def test_table_and_plots_are_written(smoke_run):
     assert len(list(out.glob("*.png"))) >= 4
 
 
+def test_replot_rewrites_table_and_plots_from_results_json(smoke_run, tmp_path):
+    out, _ = smoke_run
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    assert main(["--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
+    assert main(["--replot", str(tmp_path / "missing")]) == 2
+
+
+def test_a_run_cut_short_by_sigterm_still_writes_what_it_measured(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the handler is in place once measuring starts
+        lines.append(line)
+        if line.startswith("measuring "):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + output
+    assert proc.returncode == 0, output
+    saved = json.loads((tmp_path / "results.json").read_text())
+    if "interrupted_after" not in saved["provenance"]:
+        pytest.skip("the smoke run finished before the signal: nothing was cut short")
+    assert 0 < len(saved["results"]) < 300
+
+
 def test_without_gpu_and_without_smoke_exits_with_a_message(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
