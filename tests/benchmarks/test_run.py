@@ -122,3 +122,13 @@ def test_model_level_providers_compute_the_same_loss():
         backend, fused = bench_model._backend(provider, device)
         losses.append(bench_model.Connector(32, 2, 3, backend, fused)(x, teacher, text))
     torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("module", ("benchmarks.profile_kernels", "benchmarks.tune_configs"))
+def test_gpu_only_tools_exit_with_a_message_without_a_gpu(module, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    import importlib
+
+    assert importlib.import_module(module).main([]) == 2
+    assert "no CUDA device" in caplog.text
