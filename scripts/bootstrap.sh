@@ -13,7 +13,7 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip install --disable-pip-version-check -q)
 
-"${pip[@]}" --upgrade "pip>=23" "setuptools>=64" wheel
+"${pip[@]}" --upgrade "pip>=23" "setuptools>=77" wheel
 
 if "$py" -c "import torch" 2>/dev/null; then
     echo "bootstrap: keeping installed torch $("$py" -c 'import torch; print(torch.__version__)')"
