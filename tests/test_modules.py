@@ -102,6 +102,42 @@ def test_compile_fullgraph_cuda_backend_gpu():
     _check_compile_fullgraph("cuda", torch.device("cuda"), 128)  # head dim 64
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+def test_training_step_replays_from_a_cuda_graph_gpu(backend):
+    """Static-shape steps are host-bound at MUSE sizes; the README points to CUDA graphs. A captured
+    forward + fused topology loss + backward must replay to the eager step's gradients."""
+    torch.manual_seed(0)
+    module = SynergisticAttention(128, num_heads=2, backend=backend).cuda()  # head dim 64
+    x = torch.randn(2, 37, 128, device="cuda")
+    teacher = torch.softmax(torch.randn(2, 37, 37, device="cuda"), dim=-1)
+
+    def step():
+        out, loss = module(x, teacher=teacher, validate_teacher=False)
+        (out.square().mean() + loss).backward()
+
+    step()
+    eager = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # accumulates into the existing .grad tensors
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    assert replayed.keys() == eager.keys() and "q_topo.weight" in eager
+    for name in eager:
+        torch.testing.assert_close(replayed[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_constructor_and_input():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         SynergisticAttention(65, num_heads=8)
