@@ -116,21 +116,15 @@ def test_training_step_replays_from_a_cuda_graph_gpu(backend):
         out, loss = module(x, teacher=teacher, validate_teacher=False)
         (out.square().mean() + loss).backward()
 
+    from benchmarks.common import cuda_graphed
+
     step()
     eager = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()  # accumulates into the existing .grad tensors
+    replay = cuda_graphed(step)  # the captured step accumulates into the existing .grad tensors
     for p in module.parameters():
         if p.grad is not None:
             p.grad.zero_()
-    graph.replay()
+    replay()
     torch.cuda.synchronize()
     replayed = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
     assert replayed.keys() == eager.keys() and "q_topo.weight" in eager
