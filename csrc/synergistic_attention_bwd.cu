@@ -47,16 +47,16 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
     using Smem = DqSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr auto kAt = Smem::kCarving;
-    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
-    T* do_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDout]);
-    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
-    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
-    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
-    float* dprobs = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDprobs]);
-    T* dlogits = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDlogits]);
-    float* dq_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDq]);
-    float* lse = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLse]);
-    float* delta = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDelta]);
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* do_tile = region<T>(smem, kAt, Smem::kDout);
+    T* k_tile = region<T>(smem, kAt, Smem::kK);
+    T* v_tile = region<T>(smem, kAt, Smem::kV);
+    float* logits = region<float>(smem, kAt, Smem::kLogits);
+    float* dprobs = region<float>(smem, kAt, Smem::kDprobs);
+    T* dlogits = region<T>(smem, kAt, Smem::kDlogits);
+    float* dq_acc = region<float>(smem, kAt, Smem::kDq);
+    float* lse = region<float>(smem, kAt, Smem::kLse);
+    float* delta = region<float>(smem, kAt, Smem::kDelta);
 
     const int seq = p.shape.seq;
     const BlockPlace place = block_place(seq, p.shape.heads, BM);
@@ -189,20 +189,20 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
     using Smem = DkvSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr auto kAt = Smem::kCarving;
-    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
-    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
-    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
-    T* do_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kDout]);
-    float* probs_t = reinterpret_cast<float*>(smem + kAt.offset[Smem::kProbsT]);
-    float* dprobs_t = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDprobsT]);
-    T* operand_t = reinterpret_cast<T*>(smem + kAt.offset[Smem::kOperandT]);  // Pᵀ for dV, then dSᵀ for dK
-    float* dk_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDk]);
-    float* dv_acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDv]);
-    float* lse = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLse]);
-    float* delta = reinterpret_cast<float*>(smem + kAt.offset[Smem::kDelta]);
+    T* k_tile = region<T>(smem, kAt, Smem::kK);
+    T* v_tile = region<T>(smem, kAt, Smem::kV);
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* do_tile = region<T>(smem, kAt, Smem::kDout);
+    float* probs_t = region<float>(smem, kAt, Smem::kProbsT);
+    float* dprobs_t = region<float>(smem, kAt, Smem::kDprobsT);
+    T* operand_t = region<T>(smem, kAt, Smem::kOperandT);  // Pᵀ for dV, then dSᵀ for dK
+    float* dk_acc = region<float>(smem, kAt, Smem::kDk);
+    float* dv_acc = region<float>(smem, kAt, Smem::kDv);
+    float* lse = region<float>(smem, kAt, Smem::kLse);
+    float* delta = region<float>(smem, kAt, Smem::kDelta);
     // The (query × key) tile of the maps' gradient, or of the teacher, read row by row (coalesced) and
     // used column by column: a warp here owns key rows, so reading the map directly would stride.
-    float* map_tile = reinterpret_cast<float*>(smem + kAt.offset[Smem::kMap]);
+    float* map_tile = region<float>(smem, kAt, Smem::kMap);
 
     const int seq = p.shape.seq;
     const BlockPlace place = block_place(seq, p.shape.heads, BN);

@@ -25,17 +25,17 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
     using Smem = ForwardSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr auto kAt = Smem::kCarving;
-    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
-    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
-    T* v_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kV]);
-    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
-    T* probs = reinterpret_cast<T*>(smem + kAt.offset[Smem::kProbs]);
-    float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
-    float* row_max = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowMax]);
-    float* row_sum = reinterpret_cast<float*>(smem + kAt.offset[Smem::kRowSum]);
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* k_tile = region<T>(smem, kAt, Smem::kK);
+    T* v_tile = region<T>(smem, kAt, Smem::kV);
+    float* logits = region<float>(smem, kAt, Smem::kLogits);
+    T* probs = region<T>(smem, kAt, Smem::kProbs);
+    float* acc = region<float>(smem, kAt, Smem::kAcc);
+    float* row_max = region<float>(smem, kAt, Smem::kRowMax);
+    float* row_sum = region<float>(smem, kAt, Smem::kRowSum);
     // Per row: Σ t·log t, Σ t·s (log2 units), Σ t. KL(t ‖ A) = Σ t·log t − ln2·(Σ t·s − lse2·Σ t)
     // needs nothing else, and none of the sums depends on the running maximum.
-    float* teacher_sums = reinterpret_cast<float*>(smem + kAt.offset[Smem::kTeacherSums]);
+    float* teacher_sums = region<float>(smem, kAt, Smem::kTeacherSums);
 
     const int seq = p.shape.seq;
     const BlockPlace place = block_place(seq, p.shape.heads, BM);
@@ -160,10 +160,10 @@ __global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) 
     using Smem = MapsSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr auto kAt = Smem::kCarving;
-    T* q_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kQ]);
-    T* k_tile = reinterpret_cast<T*>(smem + kAt.offset[Smem::kK]);
-    float* logits = reinterpret_cast<float*>(smem + kAt.offset[Smem::kLogits]);
-    float* acc = reinterpret_cast<float*>(smem + kAt.offset[Smem::kAcc]);
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* k_tile = region<T>(smem, kAt, Smem::kK);
+    float* logits = region<float>(smem, kAt, Smem::kLogits);
+    float* acc = region<float>(smem, kAt, Smem::kAcc);
 
     const int seq = p.shape.seq, heads = p.shape.heads;
     const int m_blocks = (seq + BM - 1) / BM, n_blocks = (seq + BN - 1) / BN;

@@ -88,6 +88,12 @@ constexpr Carving<N> carve(const int64_t (&sizes)[N]) {
     return carving;
 }
 
+// Region `index` of a block's shared memory, typed.
+template <typename U, int N>
+__device__ __forceinline__ U* region(unsigned char* smem, const Carving<N>& carving, int index) {
+    return reinterpret_cast<U*>(smem + carving.offset[index]);
+}
+
 template <typename T>
 constexpr int64_t tile_bytes(int rows, int ld) {
     return int64_t{rows} * ld * static_cast<int64_t>(sizeof(T));

@@ -556,14 +556,12 @@ def register_attention_ops(name: str, forward, backward):
     def bwd_op(
         grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        scale: float, map_mode: str, shield: bool,
+        scale: float, shield: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if map_mode == "none":
-            grad_attn = None
         return tuple(backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield))
 
     @bwd_op.register_fake
-    def _(grad_out, grad_attn, q, k, v, out, lse, scale, map_mode, shield):
+    def _(grad_out, grad_attn, q, k, v, out, lse, scale, shield):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
@@ -574,10 +572,19 @@ def register_attention_ops(name: str, forward, backward):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
 
-    def backward_formula(ctx, grad_out, grad_attn, _grad_lse):
+    def gradients(ctx, grad_out, grad_attn, run_backward):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.map_mode, ctx.shield)
-        return *route_qk_gradients(ctx, grad_attn, dq, dk), dv, None, None, None, None
+        if ctx.map_mode == "none":
+            grad_attn = None
+        dq, dk, dv = run_backward(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.shield)
+        if ctx.shield and grad_attn is None:
+            # Nothing reaches q and k: no gradient, as through the reference's detached maps, rather
+            # than zeros, so that autograd prunes their whole branch (RoPE, norms, projections).
+            dq = dk = None
+        return dq, dk, dv, None, None, None, None
+
+    def backward_formula(ctx, grad_out, grad_attn, _grad_lse):
+        return gradients(ctx, grad_out, grad_attn, bwd_op)
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -590,19 +597,13 @@ def register_attention_ops(name: str, forward, backward):
         @staticmethod
         def forward(ctx, q, k, v, scale, map_mode, attn_dtype, shield):
             out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype)
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
+            setup_context(ctx, (q, k, v, scale, map_mode, attn_dtype, shield), (out, attn, lse))
             return out, attn
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out, grad_attn):
-            q, k, v, out, lse = ctx.saved_tensors
-            if ctx.map_mode == "none":
-                grad_attn = None
-            dq, dk, dv = backward(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.shield)
-            return *route_qk_gradients(ctx, grad_attn, dq, dk), dv, None, None, None, None
+            return gradients(ctx, grad_out, grad_attn, backward)
 
     def attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -615,15 +616,6 @@ def register_attention_ops(name: str, forward, backward):
         return out, (None if return_attn is None else attn)
 
     return attention
-
-
-def route_qk_gradients(ctx, grad_attn: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor):
-    """Shielded, with the maps out of the loss, nothing reaches q and k: they get no gradient, as
-    with the reference's detached maps, rather than zeros, so that autograd prunes their whole
-    branch (RoPE, norms, projections) instead of back-propagating zeros through it."""
-    if ctx.shield and (ctx.map_mode == "none" or grad_attn is None):
-        return None, None
-    return dq, dk
 
 
 def use_eager_path(*tensors: torch.Tensor | None) -> bool:

@@ -88,6 +88,15 @@ def register_topology_kl_ops(name: str, forward, backward):
     """Custom ops ``muse_kernels::<name>_fwd`` / ``_bwd`` around a backend's attention launchers;
     returns ``(q, k, v or None, teacher, scale, reduction, eps, validate) → (out or None, loss)``."""
 
+    def run_forward(q, k, v, teacher, scale, reduction, eps, validate):
+        if validate:
+            validate_teacher(teacher)
+        return topology_kl_forward(forward, q, k, v, teacher, scale, reduction, eps)
+
+    def run_backward(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale, reduction, eps):
+        return topology_kl_backward(backward, grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map,
+                                    scale, reduction, eps)
+
     @torch.library.custom_op(f"muse_kernels::{name}_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
@@ -95,9 +104,7 @@ def register_topology_kl_ops(name: str, forward, backward):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Validation reads the data, so it lives inside the opaque op: torch.compile sees no
         # data-dependent branch and does not break the graph.
-        if validate:
-            validate_teacher(teacher)
-        out, loss, lse, mean_map = topology_kl_forward(forward, q, k, v, teacher, scale, reduction, eps)
+        out, loss, lse, mean_map = run_forward(q, k, v, teacher, scale, reduction, eps, validate)
         # Custom ops cannot return None (nor one tensor twice): absent outputs are distinct empty tensors.
         return (q.new_empty(0) if out is None else out), loss, lse, (q.new_empty(0) if mean_map is None else mean_map)
 
@@ -114,8 +121,7 @@ def register_topology_kl_ops(name: str, forward, backward):
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
         teacher: torch.Tensor, mean_map: torch.Tensor | None, scale: float, reduction: str, eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = topology_kl_backward(backward, grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map,
-                                          scale, reduction, eps)
+        dq, dk, dv = run_backward(grad_out, grad_loss, q, k, v, out, lse, teacher, mean_map, scale, reduction, eps)
         return dq, dk, q.new_empty(0) if dv is None else dv
 
     @bwd_op.register_fake
@@ -131,11 +137,14 @@ def register_topology_kl_ops(name: str, forward, backward):
                               mean_map if reduction == "head_mean" else None)
         ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
 
-    def backward_formula(ctx, grad_out, grad_loss, _grad_lse, _grad_mean_map):
+    def gradients(ctx, grad_out, grad_loss, run):
         q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out if ctx.has_v else None, grad_loss, q, k, v, out, lse, teacher, mean_map,
-                            ctx.scale, ctx.reduction, ctx.eps)
+        dq, dk, dv = run(grad_out if ctx.has_v else None, grad_loss, q, k, v, out, lse, teacher, mean_map,
+                         ctx.scale, ctx.reduction, ctx.eps)
         return dq, dk, (dv if ctx.has_v else None), None, None, None, None, None
+
+    def backward_formula(ctx, grad_out, grad_loss, _grad_lse, _grad_mean_map):
+        return gradients(ctx, grad_out, grad_loss, bwd_op)
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -144,21 +153,14 @@ def register_topology_kl_ops(name: str, forward, backward):
 
         @staticmethod
         def forward(ctx, q, k, v, teacher, scale, reduction, eps, validate):
-            if validate:
-                validate_teacher(teacher)
-            out, loss, lse, mean_map = topology_kl_forward(forward, q, k, v, teacher, scale, reduction, eps)
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(q, k, v, out, lse, teacher, mean_map)
-            ctx.scale, ctx.reduction, ctx.eps = scale, reduction, eps
+            out, loss, lse, mean_map = run_forward(q, k, v, teacher, scale, reduction, eps, validate)
+            setup_context(ctx, (q, k, v, teacher, scale, reduction, eps, validate), (out, loss, lse, mean_map))
             return out, loss
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out, grad_loss):
-            q, k, v, out, lse, teacher, mean_map = ctx.saved_tensors
-            dq, dk, dv = topology_kl_backward(backward, grad_out if v is not None else None, grad_loss, q, k, v,
-                                              out, lse, teacher, mean_map, ctx.scale, ctx.reduction, ctx.eps)
-            return dq, dk, dv, None, None, None, None, None
+            return gradients(ctx, grad_out, grad_loss, run_backward)
 
     def topology_kl(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor,
