@@ -108,10 +108,9 @@ def train_step(provider: str, shape: dict, dtype: torch.dtype, device: torch.dev
     from muse.training.stages import configure_stage
 
     backend, fused = _backend(provider, device)
-    cfg = load_config(shape["config"], [f"model.backend={backend}", f"model.fused_topology={fused}"])
     # Random initialisation at the real component sizes: nothing is loaded.
-    for part in (cfg.model.encoder, cfg.model.teacher, cfg.model.decoder, cfg.model.text):
-        part.pretrained = None
+    random = [f"model.{part}.random_init=true" for part in ("encoder", "teacher", "decoder", "text")]
+    cfg = load_config(shape["config"], [f"model.backend={backend}", f"model.fused_topology={fused}", *random])
     head_dim = cfg.model.dim // cfg.model.num_heads
     if backend == "cuda" and head_dim not in CUDA_HEAD_DIMS:
         raise SkipCase(f"the CUDA C++ backend takes head dims {CUDA_HEAD_DIMS}; {shape['config']} has {head_dim}")

@@ -21,24 +21,55 @@ import yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+def _require(section: str, config, positive=(), non_negative=()) -> None:
+    """Counts and sizes that must be > 0 (``positive``) or >= 0 (``non_negative``); list fields are
+    checked element by element. A bad one is a config error naming the key, not a failure deep in torch."""
+    for names, allowed, wanted in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(config, name)
+            values = value if isinstance(value, list) else [value]
+            if any(v is not None and not allowed(v) for v in values):
+                raise ValueError(f"{section}.{name} must be {wanted}{' (each entry)' if isinstance(value, list) else ''}, "
+                                 f"got {value!r}")
+
+
+def _pretrained_path() -> str | None:
+    # An unset ${VAR} in this field is a config error naming the variable (see _build).
+    return field(default=None, metadata={"env_required": True})
+
+
+def _check_source(section: str, pretrained: str | None, random_init: bool) -> None:
+    if pretrained and random_init:
+        raise ValueError(f"{section}: pretrained={pretrained!r} and random_init=true contradict each other; "
+                         f"set one of them")
+
+
 @dataclass
 class EncoderConfig:
-    """InternViT (``InternVLVisionModel``). ``pretrained``: a local folder for ``from_pretrained``;
-    without it the model is built randomly from the sizes below."""
+    """InternViT (``InternVLVisionModel``). ``pretrained``: a local InternVL3 folder (remote-code,
+    ``-hf`` or bare vision model); ``random_init: true`` builds it randomly from the sizes below
+    instead. With neither, building the model is an error. ``image_size`` is the resolution its
+    position embeddings were trained at (InternViT: 448); other inputs interpolate them."""
 
-    pretrained: str | None = None
+    pretrained: str | None = _pretrained_path()
+    random_init: bool = False
+    image_size: int = 448
     hidden_size: int = 1024
     num_layers: int = 24
     num_heads: int = 16
     intermediate_size: int = 4096
     patch_size: int = 14
 
+    def __post_init__(self):
+        _check_source("model.encoder", self.pretrained, self.random_init)
+
 
 @dataclass
 class TeacherConfig:
     """DINOv3 ViT (``DINOv3ViTModel``), frozen; its last layer's attention supervises the maps."""
 
-    pretrained: str | None = None
+    pretrained: str | None = _pretrained_path()
+    random_init: bool = False
     hidden_size: int = 1280
     num_layers: int = 32
     num_heads: int = 20
@@ -46,12 +77,19 @@ class TeacherConfig:
     patch_size: int = 16
     num_register_tokens: int = 4
 
+    def __post_init__(self):
+        _check_source("model.teacher", self.pretrained, self.random_init)
+
 
 @dataclass
 class DecoderConfig:
-    """DC-AE decoder (diffusers ``AutoencoderDC``); ``pretrained`` is a local AutoencoderDC folder."""
+    """DC-AE decoder (diffusers ``AutoencoderDC``); ``pretrained`` is a local AutoencoderDC folder.
+    ``latent_channels``: the randomly built decoder's input channels (a pretrained one has its own);
+    a 1×1 ``decoder_adapter`` maps ``model.latent_channels`` to them when the two differ."""
 
-    pretrained: str | None = None
+    pretrained: str | None = _pretrained_path()
+    random_init: bool = False
+    latent_channels: int = 32
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512, 1024, 1024])
     layers_per_block: list[int] = field(default_factory=lambda: [3, 3, 3, 3, 3, 3])
     block_types: list[str] = field(default_factory=lambda: ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock",
@@ -59,21 +97,30 @@ class DecoderConfig:
     qkv_multiscales: list[list[int]] = field(default_factory=lambda: [[], [], [], [5], [5], [5]])
     attention_head_dim: int = 32
 
+    def __post_init__(self):
+        _check_source("model.decoder", self.pretrained, self.random_init)
+
 
 @dataclass
 class TextConfig:
     """Frozen CLIP text encoder (``CLIPTextModelWithProjection``); ``embed_dim`` is its projection width.
-    ``tokenizer``: a local CLIP tokenizer folder; without one, a hashing word tokenizer (for random
-    text encoders: tiny configs and tests)."""
+    ``tokenizer``: a local CLIP tokenizer folder, by default ``pretrained`` itself (a CLIP folder holds
+    both). A randomly initialised encoder (``random_init: true``) is built from ``seed``, so its
+    embeddings repeat from run to run, and reads a hashing word tokenizer (no vocabulary exists)."""
 
-    pretrained: str | None = None
-    tokenizer: str | None = None
+    pretrained: str | None = _pretrained_path()
+    random_init: bool = False
+    seed: int = 0
+    tokenizer: str | None = _pretrained_path()
     max_length: int = 77
     embed_dim: int = 768
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
     vocab_size: int = 49408
+
+    def __post_init__(self):
+        _check_source("model.text", self.pretrained, self.random_init)
 
 
 @dataclass
@@ -89,7 +136,9 @@ class ModelConfig:
     # Fused loss (no maps in memory) or maps materialized and the KL taken on them, for comparison.
     fused_topology: bool = True
     grad_scale: float = 0.5
-    decoder_adapter: bool = False
+    # The training target's layout: "ours" (rows index queries, renormalized over keys) or "official"
+    # (the official Ψ's transposed map, renormalized over queries; reproduces official training).
+    teacher_layout: str = "ours"
     logit_scale_init: float = 2.6592
     backend: str = "auto"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -104,34 +153,64 @@ class ModelConfig:
             raise ValueError(f"model.topo_reduction must be 'head_mean' or 'per_head', got {self.topo_reduction!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.teacher_layout not in ("ours", "official"):
+            raise ValueError(f"model.teacher_layout must be 'ours' or 'official', got {self.teacher_layout!r}")
         if self.backend not in ("auto", "triton", "torch", "cuda"):
             raise ValueError(f"model.backend must be auto, triton, torch or cuda, got {self.backend!r}")
 
 
 @dataclass
 class DataConfig:
-    """WebDataset sources: one shard pattern per source, mixed by ``ratios`` (equal by default)."""
+    """WebDataset sources: one shard pattern per source; each batch is drawn from one source chosen by
+    ``ratios`` (equal by default), each source read through a shuffle buffer (official: 5000 samples,
+    the first out once 1000 are in). ``json_caption_fields``: per source, the JSON fields its caption
+    is taken from first (a JSON holding long and short captions); None: the official order.
+    ``max_bad_in_row``: undecodable samples in a row after which a source stops the run."""
 
     shards: list[str] = field(default_factory=list)
     ratios: list[float] | None = None
     batch_size: int = 32
     num_workers: int = 4
+    shuffle_buffer: int = 5000
+    shuffle_initial: int = 1000
+    json_caption_fields: list[list[str]] | None = None
+    max_bad_in_row: int = 1000
 
     def __post_init__(self):
+        _require("data", self, positive=("batch_size", "max_bad_in_row"),
+                 non_negative=("num_workers", "shuffle_buffer", "shuffle_initial"))
         if self.ratios is not None and len(self.ratios) != len(self.shards):
             raise ValueError(f"data.ratios has {len(self.ratios)} entries for {len(self.shards)} data.shards")
+        if self.ratios is not None and not all(r > 0 for r in self.ratios):
+            raise ValueError(f"data.ratios must all be > 0, got {self.ratios}")
+        if self.json_caption_fields is not None and len(self.json_caption_fields) != len(self.shards):
+            raise ValueError(f"data.json_caption_fields has {len(self.json_caption_fields)} entries for "
+                             f"{len(self.shards)} data.shards")
 
 
 @dataclass
 class OptimConfig:
+    """AdamW for the tokenizer and the discriminator, official values (SPEC §7 "Recipe").
+
+    No weight decay on tensors of fewer than two dimensions nor on parameters whose name contains one
+    of ``no_decay_keywords``. The discriminator's ``disc_*`` values left unset (None) follow the
+    official code: the generator's weight decay, warm-up and clipping, and an end LR of
+    ``disc_lr · end_lr / lr`` (its scheduler reuses the generator's LR ratio)."""
+
     lr: float = 4e-4
     end_lr: float = 1e-5
     warmup_steps: int = 2000
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
+    no_decay_keywords: list[str] = field(default_factory=lambda: ["ln", "bias", "latent_tokens", "mask_token",
+                                                                  "embedding", "norm", "gamma"])
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     backbone_lr_scale: float = 1.0
     disc_lr: float = 1e-4
+    disc_weight_decay: float | None = None
+    disc_warmup_steps: int | None = None
+    disc_end_lr: float | None = None
+    disc_grad_clip: float | None = None
 
 
 @dataclass
@@ -148,14 +227,31 @@ class LossWeights:
 
 @dataclass
 class LossConfig(LossWeights):
+    """The official loss recipe (SPEC §7). Perceptual: (lpips_weight·LPIPS + convnext_weight·MSE of
+    ConvNeXt-S logits at ``convnext_resolution``²) / (lpips_weight + convnext_weight). Weight files are
+    local: ``vgg16_weights`` / ``convnext_weights`` are torchvision state dicts (``vgg16-397923af.pth``,
+    ``convnext_small-0c510722.pth``; without them the backbone is random, with a warning), and
+    ``lpips_heads`` the published LPIPS heads (default: the copy inside torchmetrics or lpips).
+    Discriminator: the official blur PatchGAN's sizes, LeCam's EMA decay, ``disc_factor`` (the official
+    ``discriminator_factor``, on both GAN losses) and ``disc_init``, an official run's loss-module state
+    dict (or a bare discriminator state dict) to start from."""
+
     reconstruction_kind: str = "l2"
     disc_start: int = 0
-    # Perceptual backbones ("torchvision:vgg16", "timm:convnext_small") with local weight files.
-    lpips_backbone: str | None = None
-    lpips_weights: str | None = None
-    lpips_layers: list[str] = field(default_factory=list)
-    convnext_backbone: str | None = None
-    convnext_weights: str | None = None
+    disc_factor: float = 1.0
+    lecam_decay: float = 0.999
+    lpips_weight: float = 1.0
+    convnext_weight: float = 0.1
+    convnext_resolution: int = 224
+    lpips_heads: str | None = None
+    vgg16_weights: str | None = _pretrained_path()
+    convnext_weights: str | None = _pretrained_path()
+    disc_channels: int = 128
+    disc_stages: int = 3
+    disc_blur: bool = True
+    disc_blur_kernel_size: int = 4
+    disc_pool_size: int = 16
+    disc_init: str | None = None
 
 
 @dataclass
@@ -167,7 +263,10 @@ class TrainConfig:
     init_weight: str | None = None
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
-    ema_decay: float = 0.9999
+    # Official EMA: decay min(ema_decay, (1 + k)/(10 + k)) at update k + 1 (0 at the first);
+    # ema_warmup=false applies ema_decay from the first update.
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
     log_every: int = 50
     ckpt_every: int = 1000
     keep_last: int = 3
@@ -254,6 +353,17 @@ def _build(cls, data: dict, where: str = ""):
         prefix = f"{where}." if where else ""
         raise ValueError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
                          f"valid keys{' of ' + where if where else ''}: {', '.join(names)}")
+    # random_init=true means the unset path is not wanted.
+    random_init = "random_init" in data and _convert(bool, data["random_init"], f"{where}.random_init")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("env_required") and not random_init and isinstance(data.get(f.name), str):
+            unset = [name for name in _ENV.findall(data[f.name]) if not os.environ.get(name)]
+            if unset:
+                key = f"{where}.{f.name}" if where else f.name
+                raise ValueError(f"{key} is {data[f.name]!r} but the environment variable {unset[0]} is not set: "
+                                 f"set it to the local folder, or override {key}=<folder>"
+                                 + (f" (or {where}.random_init=true for random weights)" if "random_init" in names
+                                    else ""))
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -12,16 +12,17 @@ from muse_kernels import SynergisticAttention
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1·x) ⊙ w3·x), three bias-free linears (official names ``w1``, ``w2``, ``w3``)."""
+    """w3(silu(w1·x) ⊙ w2·x), three bias-free linears as in the official checkpoint: ``w1`` and ``w2``
+    map dim → hidden, ``w3`` is the down projection (not LLaMA's convention, where w2 is)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.config import TextConfig
+from muse.models.pretrained import load_clip_text
 
 
 class ClipTextEncoder(nn.Module):
@@ -19,8 +20,11 @@ class ClipTextEncoder(nn.Module):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         if cfg.pretrained:
-            self.model = CLIPTextModelWithProjection.from_pretrained(cfg.pretrained)
+            self.model = load_clip_text(cfg.pretrained)
         else:
+            if not cfg.random_init:
+                raise ValueError("model.text.pretrained is not set: point it at a local CLIP folder (text tower "
+                                 "and tokenizer), or set model.text.random_init=true for a random text encoder")
             # Special ids follow HashTokenizer (0 padding, 1 end of text): the pooled embedding is
             # read at the end-of-text token.
             config = CLIPTextConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
@@ -28,7 +32,11 @@ class ClipTextEncoder(nn.Module):
                                     projection_dim=cfg.embed_dim, vocab_size=cfg.vocab_size,
                                     max_position_embeddings=cfg.max_length, pad_token_id=0, bos_token_id=0,
                                     eos_token_id=1)
-            self.model = CLIPTextModelWithProjection(config)
+            # Seeded apart from the global generator: the same weights in every run and process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.model = CLIPTextModelWithProjection(config)
+        self.random_init = not cfg.pretrained
         self.embed_dim = self.model.config.projection_dim
         if self.embed_dim != cfg.embed_dim:
             raise ValueError(f"text.embed_dim is {cfg.embed_dim} but the loaded model projects to {self.embed_dim}")
@@ -68,12 +76,21 @@ class HashTokenizer:
 
 
 def build_tokenizer(cfg: TextConfig):
-    """CLIP's tokenizer from a local folder, or the hashing stand-in; both map a list of captions to
-    ``{"input_ids", "attention_mask"}`` tensors."""
-    if cfg.tokenizer:
+    """CLIP's tokenizer (77 tokens) from ``text.tokenizer``, by default the ``text.pretrained`` folder;
+    the hashing stand-in only for a randomly initialised encoder, which has no vocabulary. Both map a
+    list of captions to ``{"input_ids", "attention_mask"}`` tensors."""
+    folder = cfg.tokenizer or cfg.pretrained
+    if folder:
         from transformers import CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+        except (OSError, TypeError, ValueError) as error:
+            raise ValueError(f"model.text: no CLIP tokenizer in {folder} (vocab.json and merges.txt); set "
+                             f"model.text.tokenizer to a folder that has one ({error})") from None
         return lambda texts: dict(tokenizer(texts, padding="max_length", truncation=True,
                                             max_length=cfg.max_length, return_tensors="pt"))
+    if not cfg.random_init:
+        raise ValueError("model.text: neither a CLIP tokenizer (model.text.tokenizer / model.text.pretrained) nor "
+                         "model.text.random_init=true; the hashing stand-in is only for random text encoders")
     return HashTokenizer(cfg.vocab_size, cfg.max_length)

@@ -2,7 +2,8 @@
 latent head → DC-AE decoder, with a frozen DINOv3 teacher for the topology loss and an ITC head.
 
 Fix of the official code: the teacher is fed correctly normalized pixels (the official code
-normalized an already-normalized image a second time).
+normalized an already-normalized image a second time). Everything else — names, initialisation,
+the raw decoder output, fp32 pretrained parts — is the official code's (SPEC §7).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from muse.config import ModelConfig
 from muse.models.block import SynergisticBlock
+from muse.models.pretrained import load_dcae_decoder, load_dinov3, load_internvit
 from muse_kernels import resize_attention_4d
+from muse_kernels.ops.resize_attention import RENORM_EPS, interpolation_matrix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,18 +66,28 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2 - mean) / std
 
 
+def _random(part, section: str) -> None:
+    """Random weights only where the config asks for them."""
+    if not part.random_init:
+        raise ValueError(f"{section}.pretrained is not set: point it at a local checkpoint folder, or set "
+                         f"{section}.random_init=true to build the part with random weights")
+
+
 def build_encoder(cfg: ModelConfig) -> nn.Module:
+    """InternViT in fp32 (frozen in stages 1–2, tuned in stage 3: bf16 weights would round its updates
+    away; autocast does the bf16 work)."""
     from transformers import InternVLVisionConfig, InternVLVisionModel
 
     enc = cfg.encoder
     if enc.pretrained:
-        return InternVLVisionModel.from_pretrained(enc.pretrained)
+        return load_internvit(enc.pretrained)
+    _random(enc, "model.encoder")
     config = InternVLVisionConfig(
         hidden_size=enc.hidden_size, num_hidden_layers=enc.num_layers, num_attention_heads=enc.num_heads,
         intermediate_size=enc.intermediate_size, patch_size=[enc.patch_size] * 2,
-        image_size=[cfg.image_size] * 2, use_mean_pooling=False,
+        image_size=[enc.image_size] * 2, attention_bias=True, use_mean_pooling=True,
     )
-    return InternVLVisionModel(config)
+    return InternVLVisionModel(config).float()
 
 
 def build_teacher(cfg: ModelConfig) -> nn.Module:
@@ -83,8 +96,9 @@ def build_teacher(cfg: ModelConfig) -> nn.Module:
     t = cfg.teacher
     # Eager attention: the SDPA and flash paths do not return the maps the loss needs.
     if t.pretrained:
-        model = DINOv3ViTModel.from_pretrained(t.pretrained, attn_implementation="eager")
+        model = load_dinov3(t.pretrained, attn_implementation="eager")
     else:
+        _random(t, "model.teacher")
         config = DINOv3ViTConfig(
             hidden_size=t.hidden_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
             intermediate_size=t.intermediate_size, patch_size=t.patch_size, image_size=cfg.image_size,
@@ -96,30 +110,43 @@ def build_teacher(cfg: ModelConfig) -> nn.Module:
 
 
 def build_autoencoder(cfg: ModelConfig) -> nn.Module:
-    """The whole DC-AE (``AutoencoderDC``), pretrained from a local folder or random from the sizes."""
+    """A randomly initialised DC-AE (``AutoencoderDC``) of the configured sizes."""
     from diffusers import AutoencoderDC
 
     d = cfg.decoder
-    if d.pretrained:
-        autoencoder = AutoencoderDC.from_pretrained(d.pretrained)
-    else:
-        depth = len(d.block_out_channels)
-        autoencoder = AutoencoderDC(
-            latent_channels=cfg.latent_channels, attention_head_dim=d.attention_head_dim,
-            encoder_block_types=tuple(d.block_types), decoder_block_types=tuple(d.block_types),
-            encoder_block_out_channels=tuple(d.block_out_channels),
-            decoder_block_out_channels=tuple(d.block_out_channels),
-            encoder_layers_per_block=tuple(d.layers_per_block), decoder_layers_per_block=tuple(d.layers_per_block),
-            encoder_qkv_multiscales=tuple(tuple(m) for m in d.qkv_multiscales),
-            decoder_qkv_multiscales=tuple(tuple(m) for m in d.qkv_multiscales),
-            decoder_norm_types=("rms_norm",) * depth, decoder_act_fns=("silu",) * depth,
-        )
-    return autoencoder
+    depth = len(d.block_out_channels)
+    return AutoencoderDC(
+        latent_channels=d.latent_channels, attention_head_dim=d.attention_head_dim,
+        encoder_block_types=tuple(d.block_types), decoder_block_types=tuple(d.block_types),
+        encoder_block_out_channels=tuple(d.block_out_channels),
+        decoder_block_out_channels=tuple(d.block_out_channels),
+        encoder_layers_per_block=tuple(d.layers_per_block), decoder_layers_per_block=tuple(d.layers_per_block),
+        encoder_qkv_multiscales=tuple(tuple(m) for m in d.qkv_multiscales),
+        decoder_qkv_multiscales=tuple(tuple(m) for m in d.qkv_multiscales),
+        decoder_norm_types=("rms_norm",) * depth, decoder_act_fns=("silu",) * depth,
+    )
 
 
-def build_decoder(cfg: ModelConfig) -> nn.Module:
-    # The tokenizer's own encoder replaces DC-AE's: only the decoder is kept.
-    return build_autoencoder(cfg).decoder
+def build_decoder(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """The DC-AE decoder (the tokenizer's own encoder replaces DC-AE's) and its input channels."""
+    if cfg.decoder.pretrained:
+        return load_dcae_decoder(cfg.decoder.pretrained)
+    _random(cfg.decoder, "model.decoder")
+    return build_autoencoder(cfg).decoder, cfg.decoder.latent_channels
+
+
+def official_init(module: nn.Module) -> None:
+    """The official initialisation of the modules the tokenizer creates: truncated normal (std 0.02)
+    linear weights, zero biases, norm weights 1."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
 
 @dataclass
@@ -142,67 +169,107 @@ class MuseFeatures:
     semantic: torch.Tensor  # (B, h·w, dim): the last block's semantic export v_itc
     image_embeds: torch.Tensor  # (B, text.embed_dim), L2-normalized: the ITC embedding
     grid: tuple[int, int]
+    hidden: torch.Tensor | None = None  # (B, h·w, dim): the last block's output x (the official seg probe's)
 
 
 class MuseTokenizer(nn.Module):
+    """The official ``MUSE_ViT`` with the official module and state-dict names (SPEC §7): ``encoder``,
+    ``adapter_mlp``, ``muse_blocks``, ``to_latent``, ``semantic_projector``, ``logit_scale``,
+    ``decoder_adapter`` (an Identity, so no keys, when the latent has the decoder's channels),
+    ``decoder``, ``dino_teacher``, ``dino_mean``/``dino_std``. The encoder's names are transformers'
+    ``InternVLVisionModel``'s; :meth:`load_official_checkpoint` and
+    :func:`muse.models.official.to_official_state_dict` convert to and from the remote-code names.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"MuseTokenizer takes the model section of the config (cfg.model, a ModelConfig), "
+                            f"got {type(cfg).__name__}")
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
         enc_dim = self.encoder.config.hidden_size
-        self.adapter = nn.Sequential(nn.RMSNorm(4 * enc_dim, eps=1e-6), nn.Linear(4 * enc_dim, cfg.dim, bias=False),
-                                     nn.GELU())
+        self.patch_size = _first(self.encoder.config.patch_size)
+        self.adapter_mlp = nn.Sequential(nn.RMSNorm(4 * enc_dim, eps=1e-6),
+                                         nn.Linear(4 * enc_dim, cfg.dim, bias=False), nn.GELU())
         self.muse_blocks = nn.ModuleList(
             SynergisticBlock(cfg.dim, num_heads=cfg.num_heads, backend=cfg.backend) for _ in range(cfg.num_blocks)
         )
         self.grad_scaler = GradientScaler(cfg.grad_scale)
         self.to_latent = nn.Linear(cfg.dim, cfg.latent_channels)
-        self.decoder_adapter = (nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
-                                if cfg.decoder_adapter else None)
-        self.decoder = build_decoder(cfg)
-        self.itc_proj = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(),
-                                      nn.Linear(cfg.dim, cfg.text.embed_dim, bias=False))
+        self.semantic_projector = nn.Sequential(nn.Linear(cfg.dim, cfg.dim, bias=False), nn.GELU(),
+                                                nn.Linear(cfg.dim, cfg.text.embed_dim, bias=False))
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        self.teacher = build_teacher(cfg)
+        self.decoder, decoder_channels = build_decoder(cfg)
+        self.decoder_adapter = (nn.Conv2d(cfg.latent_channels, decoder_channels, 1)
+                                if cfg.latent_channels != decoder_channels else nn.Identity())
+        self.dino_teacher = build_teacher(cfg)
+        self.register_buffer("dino_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("dino_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        for part in (self.adapter_mlp, self.muse_blocks, self.to_latent, self.semantic_projector):
+            part.apply(official_init)
         self.supervised = (set(range(cfg.num_blocks)) if cfg.supervise == "all" else {cfg.num_blocks - 1})
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # frozen: no dropout or statistics updates, ever
+        self.dino_teacher.eval()  # frozen: no dropout or statistics updates, ever
         return self
 
+    def load_official_checkpoint(self, path, strict: bool = True) -> dict:
+        """Loads an official MUSE checkpoint (a ``.safetensors``/``.bin``/``.pt`` state dict, or a
+        folder holding ``model.safetensors`` or ``ema_model/pytorch_model.bin``) into this model,
+        converting the encoder's remote-code names. See :func:`muse.models.official.load_official`."""
+        from muse.models.official import load_official
+
+        return load_official(self, path, strict=strict)
+
     def _check_images(self, images: torch.Tensor) -> None:
-        size = self.cfg.image_size
+        minimum = 2 * self.patch_size
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a (batch, 3, {size}, {size}) tensor, got "
+            raise ValueError(f"images must be a (batch, 3, height, width) tensor, got "
                              f"{getattr(images, 'shape', type(images).__name__)}")
         if images.shape[1] != 3:
             raise ValueError(f"images must have 3 channels (RGB), got {images.shape[1]}")
-        if tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(f"images must be {size}x{size} (model.image_size), got "
-                             f"{images.shape[-2]}x{images.shape[-1]}")
+        if images.shape[-2] < minimum or images.shape[-1] < minimum:
+            raise ValueError(f"images must be at least {minimum}x{minimum} (two encoder patches of "
+                             f"{self.patch_size} px each way), got {images.shape[-2]}x{images.shape[-1]}")
 
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         hidden = self.encoder(pixel_values=normalize_images(images)).last_hidden_state[:, 1:]  # CLS dropped
-        side = self.cfg.image_size // self.cfg.encoder.patch_size
-        tokens, h, w = space_to_depth(hidden, side, side)
-        return self.adapter(tokens), h, w
+        height, width = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        tokens, h, w = space_to_depth(hidden.float(), height, width)
+        return self.adapter_mlp(tokens), h, w
 
     @torch.no_grad()
     def teacher_maps(self, images: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """The teacher's last-layer attention, head-averaged, patch-to-patch, rows renormalized, Ψ-resized."""
-        out = self.teacher(pixel_values=normalize_images(images), output_attentions=True)
-        attn = out.attentions[-1].float().mean(dim=1)
-        skip = 1 + self.teacher.config.num_register_tokens  # CLS and register tokens
-        patches = attn[:, skip:, skip:]
-        patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
-        return resize_attention_4d(patches, grid_hw)
+        """The teacher's last-layer attention, head-averaged, patch-to-patch, rows renormalized, Ψ-resized
+        to ``grid_hw``. ``model.teacher_layout: official`` returns the official Ψ's transposed map."""
+        patch = self.dino_teacher.config.patch_size
+        # Normalized once (the official code normalizes an already-normalized image a second time);
+        # padded to whole patches as official.
+        pixels = ((images + 1) / 2 - self.dino_mean) / self.dino_std
+        pad_h, pad_w = -pixels.shape[-2] % patch, -pixels.shape[-1] % patch
+        if pad_h or pad_w:
+            pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
+        source_hw = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        spatial = source_hw[0] * source_hw[1]
+        out = self.dino_teacher(pixel_values=pixels, output_attentions=True)
+        # The patch tokens are the last ones, after CLS and registers.
+        patches = out.attentions[-1].float()[:, :, -spatial:, -spatial:].mean(dim=1)
+        patches = patches / (patches.sum(-1, keepdim=True) + RENORM_EPS)
+        grid_hw = tuple(grid_hw)
+        if source_hw == grid_hw:
+            return patches
+        if self.cfg.teacher_layout == "official":
+            return official_resize(patches, source_hw, grid_hw)
+        return resize_attention_4d(patches, grid_hw, source_hw=source_hw)
 
     def _latents(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         latents = self.to_latent(self.grad_scaler(x))
         return latents.transpose(1, 2).reshape(x.shape[0], self.cfg.latent_channels, h, w)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1], any size of at least two patches → latents (B, C, ⌊H/2p⌋, ⌊W/2p⌋)."""
         self._check_images(images)
         x, h, w = self._tokens(images)
         for block in self.muse_blocks:
@@ -211,30 +278,33 @@ class MuseTokenizer(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> MuseFeatures:
-        """The features the probes read (linear, zero-shot, segmentation), from one encoder pass."""
+        """The features the probes read (linear, zero-shot, segmentation), from one encoder pass, at
+        any input size (the official segmentation probe runs at 512²: 36×36 patches, 18×18 tokens)."""
         self._check_images(images)
         x, h, w = self._tokens(images)
         for block in self.muse_blocks:
             out = block(x)
             x = out.x
         latents = self.to_latent(x)
-        image_embeds = F.normalize(self.itc_proj(out.v_itc.mean(dim=1)), dim=-1)
-        return MuseFeatures(latents=latents, semantic=out.v_itc, image_embeds=image_embeds, grid=(h, w))
+        image_embeds = F.normalize(self.semantic_projector(out.v_itc.mean(dim=1)), dim=-1)
+        return MuseFeatures(latents=latents, semantic=out.v_itc, image_embeds=image_embeds, grid=(h, w), hidden=x)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Latents → the decoder's raw output (read as [-1, 1]; not clamped: losses, PNGs and metrics
+        clamp where they make pixels), resized bilinearly to ``size`` — by default the input size the
+        latent grid comes from (2·patch pixels per latent, 224² for an 8×8 grid)."""
         if latents.dim() != 4 or latents.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"latents must be (batch, {self.cfg.latent_channels}, h, w), got {tuple(latents.shape)}")
-        if self.decoder_adapter is not None:
-            latents = self.decoder_adapter(latents)
-        image = self.decoder(latents)
-        size = self.cfg.image_size
-        if image.shape[-1] != size or image.shape[-2] != size:
-            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-        return torch.tanh(image)
+        if size is None:
+            size = (latents.shape[-2] * 2 * self.patch_size, latents.shape[-1] * 2 * self.patch_size)
+        image = self.decoder(self.decoder_adapter(latents))
+        if tuple(image.shape[-2:]) != tuple(size):
+            image = F.interpolate(image, size=tuple(size), mode="bilinear", align_corners=False)
+        return image
 
     def forward(self, images: torch.Tensor, text_embeds: torch.Tensor | None = None,
                 return_maps: bool = False) -> MuseOutput:
-        """images: (B, 3, S, S) in [-1, 1]; text_embeds: (B, text.embed_dim) for the ITC loss."""
+        """images: (B, 3, H, W) in [-1, 1]; text_embeds: (B, text.embed_dim) for the ITC loss."""
         self._check_images(images)
         if text_embeds is not None and tuple(text_embeds.shape) != (images.shape[0], self.cfg.text.embed_dim):
             raise ValueError(f"text_embeds must be (batch={images.shape[0]}, {self.cfg.text.embed_dim}), got "
@@ -259,17 +329,31 @@ class MuseTokenizer(nn.Module):
             else:
                 out = block(x)
             x, v_itc = out.x, out.v_itc
-        image_embeds = F.normalize(self.itc_proj(v_itc.mean(dim=1)), dim=-1)
+        image_embeds = F.normalize(self.semantic_projector(v_itc.mean(dim=1)), dim=-1)
         latents = self._latents(x, h, w)
         loss_itc = None
         if text_embeds is not None:
             loss_itc = itc_loss(image_embeds, text_embeds, self.logit_scale)
         return MuseOutput(
-            reconstruction=self.decode(latents), latents=latents,
+            reconstruction=self.decode(latents, size=tuple(images.shape[-2:])), latents=latents,
             loss_topo=torch.stack(losses).mean() if losses else None,
             image_embeds=image_embeds, logit_scale=self.logit_scale, loss_itc=loss_itc,
             maps=maps if return_maps else None, teacher_maps=teacher if return_maps else None,
         )
+
+
+def _first(size) -> int:
+    return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def official_resize(patches: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor:
+    """The official Ψ as it runs: the same two bilinear passes, but the result is never permuted back,
+    so it is indexed (batch, key, query) and renormalized over queries — the transpose of the map."""
+    resize = interpolation_matrix(source_hw, target_hw, patches.device, torch.promote_types(patches.dtype,
+                                                                                            torch.float32))
+    with torch.autocast(patches.device.type, enabled=False):
+        resized = (resize @ patches.to(resize.dtype) @ resize.t()).transpose(1, 2)
+        return resized / (resized.sum(dim=-1, keepdim=True) + RENORM_EPS)
 
 
 def topology_kl_from_maps(maps: torch.Tensor, teacher: torch.Tensor, reduction: str, eps: float = 1e-8) -> torch.Tensor:

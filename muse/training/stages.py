@@ -8,9 +8,10 @@ STAGES = (1, 2, 3)
 # Stage 1 (topology warm-up) trains the connector and decoder; stage 2 (semantic injection) adds the
 # ITC head; stage 3 (synergistic tuning) also tunes the encoder. Teacher and text encoder never train.
 _TRAINABLE = {
-    1: ("adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder"),
-    2: ("adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "itc_proj", "logit_scale"),
-    3: ("encoder", "adapter", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "itc_proj", "logit_scale"),
+    1: ("adapter_mlp", "muse_blocks", "to_latent", "decoder_adapter", "decoder"),
+    2: ("adapter_mlp", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "semantic_projector", "logit_scale"),
+    3: ("encoder", "adapter_mlp", "muse_blocks", "to_latent", "decoder_adapter", "decoder", "semantic_projector",
+        "logit_scale"),
 }
 BACKBONE = ("encoder",)
 

@@ -2,10 +2,38 @@
 differ from them exactly where Table 9 does."""
 
 import dataclasses
+import re
 
 import pytest
 
-from muse.config import load_config, shipped_configs
+from muse.config import CONFIG_DIR, load_config, shipped_configs
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_folders(monkeypatch, tmp_path):
+    """The official configs name their checkpoints through environment variables, which must be set."""
+    for name in sorted({m for f in CONFIG_DIR.rglob("*.yaml") for m in re.findall(r"\$\{(\w+)\}", f.read_text())}):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+
+
+def test_an_unset_checkpoint_variable_is_an_error_naming_it(monkeypatch):
+    monkeypatch.delenv("MUSE_INTERNVIT_PATH")
+    with pytest.raises(ValueError, match=r"model.encoder.pretrained is '\$\{MUSE_INTERNVIT_PATH\}' but the "
+                                         r"environment variable MUSE_INTERNVIT_PATH is not set"):
+        load_config("muse_1b/stage1")
+    # Asking for random weights instead is explicit, and then the variable is not needed.
+    cfg = load_config("muse_1b/stage1", ["model.encoder.random_init=true"])
+    assert cfg.model.encoder.pretrained is None and cfg.model.encoder.random_init
+
+
+def test_a_part_with_neither_weights_nor_random_init_is_refused():
+    from muse.models import MuseTokenizer
+
+    cfg = load_config("tiny", ["model.teacher.random_init=false"]).model
+    with pytest.raises(ValueError, match="model.teacher.pretrained is not set"):
+        MuseTokenizer(cfg)
+    with pytest.raises(ValueError, match="contradict"):
+        load_config("tiny", ["model.teacher.pretrained=/somewhere"])
 
 # SPEC §4, official configs: (lr, warm-up, end lr, grad_scale, backbone lr scale, loss weights).
 OFFICIAL = {

@@ -39,13 +39,14 @@ def _block_grads(model, index):
 def test_forward_backward_shapes(model, images):
     out = model(images, text_embeds=torch.randn(2, 16))
     assert out.reconstruction.shape == images.shape
-    assert out.reconstruction.abs().max() <= 1
+    # The decoder's raw output, as official: no tanh, no clamp (a random decoder overshoots [-1, 1]).
+    torch.testing.assert_close(out.reconstruction, model.decoder(out.latents), rtol=0, atol=0)
     assert out.latents.shape == (2, 8, 4, 4)
     assert out.image_embeds.shape == (2, 16)
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
     assert out.loss_topo.dim() == 0 and out.loss_itc.dim() == 0 and out.maps is None
     (out.reconstruction.mean() + out.loss_topo + out.loss_itc).backward()
-    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in model.dino_teacher.parameters())
     assert torch.equal(model.encode(images), out.latents.detach())
 
 
@@ -122,7 +123,7 @@ def test_teacher_maps_match_a_direct_computation(model, images):
     maps = model.teacher_maps(images, (4, 4))
     normalized = ((images + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
         torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    attn = model.teacher(pixel_values=normalized, output_attentions=True).attentions[-1].mean(1)
+    attn = model.dino_teacher(pixel_values=normalized, output_attentions=True).attentions[-1].mean(1)
     patches = attn[:, 3:, 3:]  # CLS + 2 registers
     patches = patches / patches.sum(-1, keepdim=True)
     keys = F.interpolate(patches.reshape(-1, 1, 8, 8), size=(4, 4), mode="bilinear", align_corners=False)
@@ -130,28 +131,29 @@ def test_teacher_maps_match_a_direct_computation(model, images):
     both = F.interpolate(keys, size=(4, 4), mode="bilinear", align_corners=False).reshape(2, 16, 16).transpose(1, 2)
     expected = both / (both.sum(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
-    assert not model.teacher.training
+    assert not model.dino_teacher.training
     model.train()
-    assert not model.teacher.training and model.muse_blocks[0].training
+    assert not model.dino_teacher.training and model.muse_blocks[0].training
 
 
 def test_pretrained_components_load_from_local_folders(base_model, tmp_path, images):
     from muse.models.tokenizer import build_autoencoder
 
     base_model.encoder.save_pretrained(tmp_path / "encoder")
-    base_model.teacher.save_pretrained(tmp_path / "teacher")
+    base_model.dino_teacher.save_pretrained(tmp_path / "teacher")
     # A whole DC-AE is saved, as published checkpoints are; the tokenizer keeps its decoder.
     torch.manual_seed(7)
     autoencoder = build_autoencoder(load_config("tiny").model)
     autoencoder.save_pretrained(tmp_path / "dcae")
-    cfg = load_config("tiny", [f"model.encoder.pretrained={tmp_path / 'encoder'}",
-                               f"model.teacher.pretrained={tmp_path / 'teacher'}",
-                               f"model.decoder.pretrained={tmp_path / 'dcae'}"]).model
+    overrides = [f"model.{part}.pretrained={tmp_path / folder}"
+                 for part, folder in (("encoder", "encoder"), ("teacher", "teacher"), ("decoder", "dcae"))]
+    cfg = load_config("tiny", overrides + [f"model.{part}.random_init=false"
+                                           for part in ("encoder", "teacher", "decoder")]).model
     loaded = MuseTokenizer(cfg)
     for name, tensor in base_model.encoder.state_dict().items():
         assert torch.equal(loaded.encoder.state_dict()[name], tensor), name
-    for name, tensor in base_model.teacher.state_dict().items():
-        assert torch.equal(loaded.teacher.state_dict()[name], tensor), name
+    for name, tensor in base_model.dino_teacher.state_dict().items():
+        assert torch.equal(loaded.dino_teacher.state_dict()[name], tensor), name
     for name, tensor in autoencoder.decoder.state_dict().items():
         assert torch.equal(loaded.decoder.state_dict()[name], tensor), name
     # The rest of the model: a full state dict loads strictly, with no key remapping.
@@ -160,9 +162,9 @@ def test_pretrained_components_load_from_local_folders(base_model, tmp_path, ima
 
 
 @pytest.mark.parametrize("make_input,match", [
-    (lambda: (torch.rand(2, 3, 28, 28),), "must be 32x32"),
+    (lambda: (torch.rand(2, 3, 6, 32),), "at least 8x8"),
     (lambda: (torch.rand(2, 1, 32, 32),), "3 channels"),
-    (lambda: (torch.rand(3, 32, 32),), r"images must be a \(batch, 3, 32, 32\)"),
+    (lambda: (torch.rand(3, 32, 32),), r"images must be a \(batch, 3, height, width\)"),
     (lambda: (torch.rand(2, 3, 32, 32), torch.randn(2, 8)), r"text_embeds must be \(batch=2, 16\)"),
     (lambda: (torch.rand(2, 3, 32, 32), torch.randn(3, 16)), r"text_embeds must be \(batch=2, 16\)"),
 ])

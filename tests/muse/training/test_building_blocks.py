@@ -23,9 +23,9 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("stage,trains,frozen", [
-    (1, ("adapter", "muse_blocks", "to_latent", "decoder"), ("encoder", "itc_proj", "logit_scale", "teacher")),
-    (2, ("muse_blocks", "itc_proj", "logit_scale"), ("encoder", "teacher")),
-    (3, ("encoder", "muse_blocks", "itc_proj"), ("teacher",)),
+    (1, ("adapter_mlp", "muse_blocks", "to_latent", "decoder"), ("encoder", "semantic_projector", "logit_scale", "dino_teacher")),
+    (2, ("muse_blocks", "semantic_projector", "logit_scale"), ("encoder", "dino_teacher")),
+    (3, ("encoder", "muse_blocks", "semantic_projector"), ("dino_teacher",)),
 ])
 def test_stage_trainable_sets_and_one_step_changes_exactly_them(tiny_model, stage, trains, frozen):
     model = copy.deepcopy(tiny_model)
