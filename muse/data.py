@@ -1,11 +1,20 @@
 """WebDataset shards: writing them (``muse-make-shards``) and reading them for training.
 
-A sample is ``NNNNNN.jpg`` (image), ``NNNNNN.txt`` (caption), optionally ``.cls`` (class index) and
-``.seg.png`` (segmentation labels). Training reads several sources mixed by sampling ratios.
+A sample is ``NNNNNN.jpg`` (image; ``.jpeg``, ``.png`` and ``.webp`` are read too), a caption
+(``.txt``, ``.text``, ``.caption``, or a ``caption``/``text`` field of ``.json``), optionally ``.cls``
+(class index) and ``.seg.png`` (segmentation labels). Training reads several sources, each through a
+shuffle buffer, and draws every batch from one source chosen by the sampling ratios (as the official
+loader does).
 
-Determinism: the order of samples (shard order per epoch, source choice) comes from seeded
-generators, and each sample's crop and flip from a generator seeded by (seed, sample number), so a
-resumed run that skips the samples it already consumed sees exactly the same batches.
+Determinism: the order of samples (shard order per epoch, shuffle buffer, source choice) comes from
+seeded generators, and each sample's crop and flip from a generator seeded by (seed, part, sample
+number), so a resumed run that skips the samples it already consumed, without decoding them, sees
+exactly the same batches.
+
+Damaged data never hangs a run and never kills it silently: an empty, truncated or garbage tar is
+skipped with a warning naming it and counted; an undecodable sample is skipped and counted; a source
+whose shards hold nothing readable, or that yields no decodable sample in ``max_bad_in_row``
+attempts, stops the run with a :class:`DataError` naming its shards.
 """
 
 from __future__ import annotations
@@ -14,10 +23,14 @@ import argparse
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import random
+import shutil
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,32 +42,77 @@ from PIL import Image
 log = logging.getLogger("muse.data")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Shard keys, in the official loader's order of preference.
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+CAPTION_KEYS = ("txt", "text", "caption")
+JSON_CAPTION_FIELDS = ("caption", "text")
+
+
+class DataError(ValueError):
+    """A data source cannot deliver samples (every shard empty or damaged, nothing decodable)."""
+
+
+class ShardError(OSError):
+    """One shard cannot be read (empty, truncated, not a tar)."""
 
 
 # -------------------------------------------------------------------------------------------- writing
 
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: identical inputs, identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_shards(samples, out_dir: str | os.PathLike, samples_per_shard: int = 1000, prefix: str = "shard",
                  quality: int = 95) -> list[str]:
     """``samples``: iterable of dicts with ``image`` (PIL image or HxWx3 uint8 array), ``caption`` (str),
-    optional ``cls`` (int) and ``seg`` (HxW uint8 label array or mode-"L" PIL image, the image's size).
-    Returns the shard paths."""
+    optional ``cls`` (int >= 0) and ``seg`` (HxW uint8 label array or mode-"L" PIL image, the image's
+    size). Returns the paths of the shards written, in order.
+
+    A folder that already holds ``{prefix}-*.tar`` shards is refused: new shards would mix with stale
+    ones. A shard is opened only for a sample it will hold, so no empty shard is ever written."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
+    stale = sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+    if stale:
+        raise FileExistsError(f"{out_dir} already holds {len(stale)} shard(s) ({Path(stale[0]).name}, ...): "
+                              "new shards would mix with them; write into an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    pattern = str(out_dir / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
+    paths: list[str] = []
+    tar = None
+    try:
         for index, sample in enumerate(samples):
-            image = sample["image"]
-            if not isinstance(image, Image.Image):
-                image = Image.fromarray(np.asarray(image))
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="JPEG", quality=quality)
-            record = {"__key__": f"{index:06d}", "jpg": buf.getvalue(), "txt": sample.get("caption", "")}
-            if sample.get("cls") is not None:
-                record["cls"] = str(int(sample["cls"]))
-            if sample.get("seg") is not None:
-                record["seg.png"] = _label_png(sample["seg"], image.size)
-            sink.write(record)
-    return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+            record = _encode(sample, quality)
+            if index % samples_per_shard == 0:
+                if tar is not None:
+                    tar.close()
+                paths.append(str(out_dir / f"{prefix}-{len(paths):06d}.tar"))
+                tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
+            for suffix, data in record.items():
+                _tar_member(tar, f"{index:06d}.{suffix}", data)
+    finally:
+        if tar is not None:
+            tar.close()
+    return paths
+
+
+def _encode(sample: dict, quality: int) -> dict[str, bytes]:
+    image = sample["image"]
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    record = {"jpg": buf.getvalue(), "txt": sample.get("caption", "").encode("utf-8")}
+    if sample.get("cls") is not None:
+        cls = int(sample["cls"])
+        if cls < 0:
+            raise ValueError(f"class index must be >= 0, got {cls}")
+        record["cls"] = str(cls).encode()
+    if sample.get("seg") is not None:
+        record["seg.png"] = _label_png(sample["seg"], image.size)
+    return record
 
 
 def _label_png(labels, image_size: tuple[int, int]) -> bytes:
@@ -93,7 +151,7 @@ def list_images(path: str | os.PathLike) -> list[Path]:
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """A labels file: one ``filename<TAB>class index`` per line."""
+    """A labels file: one ``filename<TAB>class index`` per line, indices >= 0."""
     labels = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -103,6 +161,8 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
             labels[name.strip()] = int(value)
         except ValueError:
             raise ValueError(f"{path}:{number}: expected 'filename<TAB>class index', got {line!r}") from None
+        if labels[name.strip()] < 0:
+            raise ValueError(f"{path}:{number}: class index must be >= 0, got {value.strip()!r}")
     return labels
 
 
@@ -127,6 +187,12 @@ def _labelled_files(args) -> tuple[list[Path], dict[Path, int], list[str]]:
     return files, {f: by_name[f.name] for f in files}, []
 
 
+def _open_image(path: Path) -> Image.Image:
+    image = Image.open(path)
+    image.load()  # decode now: a damaged file is found here, not halfway through a shard
+    return image
+
+
 def make_shards_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Turn an image folder (+ captions, labels, segmentation maps) "
                                                  "into WebDataset shards")
@@ -137,10 +203,20 @@ def make_shards_main(argv=None) -> int:
                         help="--images holds one subfolder per class; classes are numbered in sorted order")
     labels.add_argument("--labels", help="file of 'filename<TAB>class index' lines")
     parser.add_argument("--seg-dir", help="folder of 8-bit label maps named like the images, .png (ADE20K layout)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out folder (deleted once the new shards are complete)")
     parser.add_argument("--per-shard", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.per_shard < 1:
+        log.error("--per-shard must be >= 1, got %d", args.per_shard)
+        return 2
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        log.error("--out %s is not empty: new shards would mix with what is there. Choose an empty folder, or "
+                  "pass --overwrite to replace it", out)
+        return 2
     try:
         files, classes, class_names = _labelled_files(args)
         captions = read_captions(args.captions) if args.captions else {}
@@ -156,41 +232,118 @@ def make_shards_main(argv=None) -> int:
             log.error("%s has no label map for %d image(s), e.g. %s", args.seg_dir, len(missing), missing[:3])
             return 2
 
+    unreadable: list[str] = []
+
     def samples():
         for file in files:
-            sample = {"image": Image.open(file), "caption": captions.get(file.name, ""), "cls": classes.get(file)}
-            if args.seg_dir:
-                sample["seg"] = Image.open(Path(args.seg_dir) / f"{file.stem}.png")
+            try:
+                sample = {"image": _open_image(file), "caption": captions.get(file.name, ""), "cls": classes.get(file)}
+                if args.seg_dir:
+                    sample["seg"] = _open_image(Path(args.seg_dir) / f"{file.stem}.png")
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                unreadable.append(file.name)
+                log.warning("skipped %s: cannot be read (%s: %s)", file, type(err).__name__, err)
+                continue
             yield sample
 
-    shards = write_shards(samples(), args.out, args.per_shard)
-    if class_names:
-        (Path(args.out) / "classes.txt").write_text("\n".join(class_names) + "\n")
-    log.info("wrote %d images into %d shards in %s%s", len(files), len(shards), args.out,
-             f" ({len(class_names)} classes, names in classes.txt)" if class_names else "")
+    # Written next to --out and renamed into place: a crash leaves no half-written folder under its name.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        shards = write_shards(samples(), staging, args.per_shard)
+        if not shards:
+            log.error("none of the %d images could be read: no shards written", len(files))
+            return 2
+        if class_names:
+            (staging / "classes.txt").write_text("\n".join(class_names) + "\n")
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("wrote %d images into %d shards in %s%s%s", len(files) - len(unreadable), len(shards), out,
+             f" ({len(class_names)} classes, names in classes.txt)" if class_names else "",
+             f"; {len(unreadable)} unreadable image(s) skipped" if unreadable else "")
     return 0
 
 
 # -------------------------------------------------------------------------------------------- reading
 
-def _whole(urls):
-    return urls
+def _open_stream(shard: str):
+    return wds.gopen(shard, "rb") if "://" in shard or shard.startswith("pipe:") else open(shard, "rb")
 
 
-def _open_shard(shard: str):
-    # Shards are split across ranks and workers by the caller: webdataset's own splitters would split
-    # a one-shard list again and leave the other workers empty.
-    return wds.WebDataset(shard, shardshuffle=False, empty_check=False, nodesplitter=_whole, workersplitter=_whole)
+def read_shard(shard: str):
+    """The records of one tar shard in order, as webdataset groups them: files ``dir/key.suffix`` with one
+    key form a record ``{"__key__": "dir/key", "__url__": shard, suffix: bytes}`` (suffixes lower-cased).
+
+    Raises :class:`ShardError` naming the shard when it is empty, truncated or not a tar; the records
+    before the damage have been yielded by then (each complete)."""
+    try:
+        with _open_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            record: dict = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                key, dot, suffix = base.partition(".")
+                if not dot or not key or base.startswith("._"):  # macOS resource forks, files without suffix
+                    continue
+                key = f"{folder}/{key}" if folder else key
+                if record.get("__key__") != key:
+                    if record:  # complete: yielded before the next file is read, which may be damaged
+                        yield record
+                    record = {"__key__": key, "__url__": shard}
+                record[suffix.lower()] = tar.extractfile(member).read()
+            if record:
+                yield record
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, ShardError):
+            raise
+        raise ShardError(f"shard {shard} cannot be read ({type(err).__name__}: {err})") from None
 
 
-def _decode(raw: dict, image_size: int, generator: torch.Generator, train: bool) -> dict:
+def _caption(raw: dict, json_fields: tuple[str, ...] | None) -> str:
+    """The caption: ``txt``/``text``/``caption`` first, then the JSON's ``caption``/``text`` (official
+    order). ``json_fields`` (a source whose JSON holds several captions, e.g. long and short) names the
+    JSON fields to take first."""
+    def from_json(fields):
+        if "json" not in raw:
+            return ""
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            return ""
+        if not isinstance(meta, dict):
+            return ""
+        return next((meta[f] for f in fields if isinstance(meta.get(f), str) and meta[f]), "")
+
+    if json_fields:
+        text = from_json(json_fields)
+        if text:
+            return text
+    for key in CAPTION_KEYS:
+        if key in raw:
+            return raw[key].decode("utf-8") if isinstance(raw[key], bytes) else str(raw[key])
+    return from_json(JSON_CAPTION_FIELDS)
+
+
+def _decode(raw: dict, image_size: int, generator: torch.Generator, train: bool,
+            json_fields: tuple[str, ...] | None = None) -> dict:
     """A raw shard record → {"image", "caption", "cls"} (+ "seg" when it has labels); raises on an
-    undecodable image."""
-    image = Image.open(io.BytesIO(raw["jpg"]))
+    undecodable image or a negative class."""
+    key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if key is None:
+        raise ValueError(f"no image ({', '.join(IMAGE_KEYS)}) in the record; it has {sorted(raw)}")
+    image = Image.open(io.BytesIO(raw[key]))
     image.load()
-    caption = raw.get("txt", b"")
-    sample = {"caption": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
-              "cls": int(raw["cls"]) if "cls" in raw else -1}
+    cls = int(raw["cls"]) if "cls" in raw else -1
+    if "cls" in raw and cls < 0:
+        raise ValueError(f"class index must be >= 0, got {cls}")
+    sample = {"caption": _caption(raw, json_fields), "cls": cls}
     if "seg.png" in raw:
         labels = Image.open(io.BytesIO(raw["seg.png"]))
         labels.load()
@@ -205,10 +358,15 @@ def _seed(*parts) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
 
+
 @dataclass
 class Source:
+    """One data source: its shards, its sampling ratio, and (for JSON holding several captions) the
+    JSON fields its caption is taken from first."""
+
     shards: list[str]
     ratio: float = 1.0
+    json_caption_fields: tuple[str, ...] | None = None
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -256,12 +414,80 @@ def preprocess_pair(image: Image.Image, labels: Image.Image | None, size: int, g
     return pixels, label_map
 
 
+def shuffle_buffer(items, size: int, initial: int, rng: random.Random):
+    """Items in a random order drawn from a buffer of up to ``size`` (webdataset's ``shuffle``, seeded):
+    the first item comes out once ``initial`` are buffered, then the buffer grows by one per item out
+    until it holds ``size``. ``size <= 1``: the order is unchanged."""
+    if size <= 1:
+        yield from items
+        return
+    items, buffer = iter(items), []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) < size:
+            extra = next(items, _END)
+            if extra is not _END:
+                buffer.append(extra)
+        if len(buffer) < min(initial, size):
+            continue
+        index = rng.randrange(len(buffer))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+    while buffer:
+        index = rng.randrange(len(buffer))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+
+
+_END = object()
+
+
+class _SourceReader:
+    """The endless raw records of one source's shards for one part: shard order reshuffled every epoch,
+    then a shuffle buffer. Damaged shards are skipped with a warning (once per shard) and counted; an
+    epoch in which no shard yields a record stops the stream (nothing would ever come)."""
+
+    def __init__(self, index: int, shards: list[str], seed: int, part: int, buffer: int, initial: int):
+        self.index, self.shards, self.seed = index, shards, seed
+        self.bad_shards: set[str] = set()
+        self.records = shuffle_buffer(self._epochs(), buffer, initial, random.Random(_seed(seed, "shuffle", index, part)))
+
+    def _epochs(self):
+        epoch = 0
+        while True:
+            order = list(self.shards)
+            random.Random(_seed(self.seed, self.index, epoch)).shuffle(order)
+            found = 0
+            for shard in order:
+                try:
+                    for record in read_shard(shard):
+                        found += 1
+                        yield record
+                except ShardError as err:
+                    if shard not in self.bad_shards:
+                        self.bad_shards.add(shard)
+                        log.warning("skipped the rest of a damaged shard: %s; %d bad shard(s) in source %d so far",
+                                    err, len(self.bad_shards), self.index)
+            if not found:
+                names = ", ".join(order[:5]) + (", ..." if len(order) > 5 else "")
+                raise DataError(f"data source {self.index} has nothing to read: none of its {len(order)} shard(s) "
+                                f"({names}) holds a sample ({len(self.bad_shards)} damaged or not a tar, the "
+                                "others empty)")
+            epoch += 1
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless, deterministic stream of ``{"image", "caption", "cls"}`` samples from mixed sources.
 
-    Shards are split across distributed ranks and data-loader workers (each a "part"); a sample that
-    fails to decode is skipped, counted (``skipped``) and logged, never fatal. Every sample carries its
-    ``position`` (part, raw sample number); ``resume_positions`` ({part: number}, from the batches a
+    Shards are split across distributed ranks and data-loader workers (each a "part"). Each source is
+    read through a shuffle buffer of ``shuffle_size`` samples (0: file order); each block of
+    ``batch_size`` consecutive samples comes from one source, chosen by the ratios (so with the data
+    loader's batch size every batch is from one source, as in the official loader).
+
+    A sample that fails to decode is skipped, counted and logged, and replaced by the source's next;
+    ``max_bad_in_row`` failures in a row from one source raise :class:`DataError` naming the shard.
+    Every sample carries its ``position``: (part, state) with the part's source choices, samples
+    consumed per source and counts so far. ``resume_positions`` ({part: state}, from the batches a
     resumed run already consumed) fast-forwards each part without decoding anything.
 
     A data loader takes whole batches from its workers in turn, always starting with worker 0; a run
@@ -270,77 +496,109 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, sources: list[Source], image_size: int, seed: int = 0, train: bool = True,
-                 rank: int = 0, world_size: int = 1, resume_positions: dict[int, int] | None = None,
-                 worker_offset: int = 0):
+                 rank: int = 0, world_size: int = 1, resume_positions: dict[int, dict] | None = None,
+                 worker_offset: int = 0, batch_size: int = 1, shuffle_size: int = 0, shuffle_initial: int = 0,
+                 max_bad_in_row: int = 1000):
         super().__init__()
         if not sources:
             raise ValueError("at least one data source is needed")
+        for index, source in enumerate(sources):
+            if not source.shards:
+                raise ValueError(f"data source {index} has no shards")
+            if not source.ratio > 0:
+                raise ValueError(f"data source {index}: ratio must be > 0, got {source.ratio}")
+        for name, value, low in (("batch_size", batch_size, 1), ("max_bad_in_row", max_bad_in_row, 1),
+                                 ("shuffle_size", shuffle_size, 0), ("shuffle_initial", shuffle_initial, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         self.sources, self.image_size, self.seed, self.train = sources, image_size, seed, train
         self.rank, self.world_size, self.worker_offset = rank, world_size, worker_offset
+        self.batch_size, self.shuffle_size, self.shuffle_initial = batch_size, shuffle_size, shuffle_initial
+        self.max_bad_in_row = max_bad_in_row
         self.resume_positions = dict(resume_positions or {})
-        self.skipped = 0
+        self.skipped = 0  # samples this process's iterators skipped (a data loader's workers count their own)
 
-    def _raw_samples(self, source_index: int, shards: list[str]):
-        epoch = 0
-        while True:
-            order = list(shards)
-            random.Random(_seed(self.seed, source_index, epoch)).shuffle(order)
-            for shard in order:
-                yield from _open_shard(shard)
-            epoch += 1
-
-    def _decode(self, raw: dict, part: int, number: int) -> dict | None:
+    def _decode(self, raw: dict, source: Source, part: int, number: int) -> dict | None:
         try:
             generator = torch.Generator().manual_seed(_seed(self.seed, part, number))
-            return _decode(raw, self.image_size, generator, self.train) | {"position": (part, number)}
+            return _decode(raw, self.image_size, generator, self.train, source.json_caption_fields)
         except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
             self.skipped += 1
-            log.warning("skipped undecodable sample %s (%s: %s); %d skipped so far",
-                        raw.get("__key__"), type(err).__name__, err, self.skipped)
+            if self.skipped <= 20 or self.skipped % 1000 == 0:
+                log.warning("skipped undecodable sample %s of %s (%s: %s); %d skipped so far", raw.get("__key__"),
+                            raw.get("__url__"), type(err).__name__, err, self.skipped)
             return None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         part, parts = self.rank * workers + (worker + self.worker_offset) % workers, self.world_size * workers
-        streams = []
+        readers = []
         for index, source in enumerate(self.sources):
             mine = source.shards[part::parts]
             if not mine:
                 raise ValueError(f"source {index} has {len(source.shards)} shards, fewer than the "
                                  f"{parts} ranks × workers reading it")
-            streams.append(self._raw_samples(index, mine))
+            readers.append(_SourceReader(index, mine, self.seed, part, self.shuffle_size, self.shuffle_initial))
         ratios = [s.ratio for s in self.sources]
         chooser = random.Random(_seed(self.seed, "mix", part))
-        resume_at = self.resume_positions.get(part, 0)
-        number = 0
+        state = self.resume_positions.get(part) or {}
+        consumed = list(state.get("consumed", [0] * len(readers)))
+        if len(consumed) != len(readers):
+            raise ValueError(f"resume position of part {part} has {len(consumed)} sources, the data {len(readers)}")
+        chosen, filled = state.get("chosen", 0), state.get("filled", 0)
+        skipped = state.get("skipped", 0)
+        # Replaying the choices and the raw records already consumed decodes nothing.
+        source = None
+        for _ in range(chosen):
+            source = chooser.choices(range(len(readers)), weights=ratios)[0]
+        for reader, count in zip(readers, consumed):
+            for _ in range(count):
+                next(reader.records)
         while True:
-            source = chooser.choices(range(len(streams)), weights=ratios)[0] if len(streams) > 1 else 0
-            raw = next(streams[source])
-            number += 1
-            if number <= resume_at:
-                continue
-            sample = self._decode(raw, part, number)
-            if sample is not None:
-                yield sample
+            if source is None or filled == self.batch_size:
+                source = chooser.choices(range(len(readers)), weights=ratios)[0]
+                chosen, filled = chosen + 1, 0
+            reader, bad_in_row = readers[source], 0
+            while True:
+                raw = next(reader.records)
+                consumed[source] += 1
+                sample = self._decode(raw, self.sources[source], part, sum(consumed))
+                if sample is not None:
+                    break
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                if bad_in_row >= self.max_bad_in_row:
+                    raise DataError(f"data source {source}: {bad_in_row} samples in a row could not be decoded "
+                                    f"(the last one, {raw.get('__key__')}, in shard {raw.get('__url__')}); "
+                                    "check the shards' image files")
+            filled += 1
+            sample["position"] = (part, {"chosen": chosen, "filled": filled, "consumed": list(consumed),
+                                         "skipped": skipped, "bad_shards": sum(len(r.bad_shards) for r in readers)})
+            yield sample
 
 
 def read_once(shards: list[str], image_size: int):
-    """One pass over ``shards`` in order, centre-cropped, for evaluation; undecodable samples skipped."""
+    """One pass over ``shards`` in order, centre-cropped, for evaluation; undecodable samples and damaged
+    shards are skipped with a warning."""
     for shard in shards:
-        for raw in _open_shard(shard):
-            try:
-                sample = _decode(raw, image_size, torch.Generator(), train=False)
-            except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
-                log.warning("skipped undecodable sample %s (%s)", raw.get("__key__"), err)
-                continue
-            yield {"key": raw["__key__"], **sample}
+        try:
+            for raw in read_shard(shard):
+                try:
+                    sample = _decode(raw, image_size, torch.Generator(), train=False)
+                except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+                    log.warning("skipped undecodable sample %s of %s (%s)", raw.get("__key__"), shard, err)
+                    continue
+                yield {"key": raw["__key__"], **sample}
+        except ShardError as err:
+            log.warning("skipped the rest of a damaged shard: %s", err)
 
 
 def batched(samples, batch_size: int, limit: int | None = None):
     """Lists of up to ``batch_size`` samples, at most ``limit`` samples in all (None: every one)."""
-    if limit is not None and limit <= 0:
-        return
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"the number of images (--max-images) must be >= 1, or None for all, got {limit!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch, count = [], 0
     for sample in samples:
         batch.append(sample)
@@ -355,13 +613,21 @@ def batched(samples, batch_size: int, limit: int | None = None):
 
 
 def collate(samples: list[dict]) -> dict:
-    """A batch, with the furthest raw position it reached per part (what a checkpoint records)."""
-    positions: dict[int, int] = {}
+    """A batch, with each part's stream state after its last sample here (what a checkpoint records)."""
+    positions: dict[int, dict] = {}
     for s in samples:
-        part, number = s["position"]
-        positions[part] = max(positions.get(part, 0), number)
+        part, state = s["position"]
+        if part not in positions or (state["chosen"], state["filled"]) > (positions[part]["chosen"],
+                                                                           positions[part]["filled"]):
+            positions[part] = state
     return {"images": torch.stack([s["image"] for s in samples]), "captions": [s["caption"] for s in samples],
             "cls": torch.tensor([s["cls"] for s in samples]), "positions": positions}
+
+
+def stream_counts(positions: dict[int, dict]) -> dict[str, int]:
+    """Skipped samples and bad shards over the parts of ``positions``."""
+    return {"skipped_samples": sum(p.get("skipped", 0) for p in positions.values()),
+            "bad_shards": sum(p.get("bad_shards", 0) for p in positions.values())}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import Config, load_config
-from muse.data import ShardStream, Source, collate, expand_shards
+from muse.data import ShardStream, Source, collate, expand_shards, stream_counts
 from muse.losses import FeatureDistance, MuseLoss, PatchGANDiscriminator, build_backbone, reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.checkpoint import (FROZEN_PREFIXES, latest_checkpoint, load_checkpoint, load_model_weights,
@@ -62,17 +62,22 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype), precision == "fp16"
 
 
-def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, int], start_step: int = 0):
+def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, dict], start_step: int = 0):
+    dc = cfg.data
     sources = []
-    for index, pattern in enumerate(cfg.data.shards):
+    for index, pattern in enumerate(dc.shards):
         if not pattern:
             raise ValueError(f"data.shards[{index}] is empty (an unset environment variable?)")
-        ratio = cfg.data.ratios[index] if cfg.data.ratios else 1.0
-        sources.append(Source(expand_shards(pattern), ratio))
+        ratio = dc.ratios[index] if dc.ratios else 1.0
+        fields = tuple(dc.json_caption_fields[index]) if dc.json_caption_fields else None
+        sources.append(Source(expand_shards(pattern), ratio, fields or None))
     if not sources:
         raise ValueError("data.shards is empty: give at least one shard pattern")
+    # Blocks of one batch come from one source: every batch is drawn from one source, as officially.
     stream = ShardStream(sources, cfg.model.image_size, seed=cfg.train.seed, rank=rank, world_size=world,
-                         resume_positions=positions, worker_offset=start_step)
+                         resume_positions=positions, worker_offset=start_step, batch_size=dc.batch_size,
+                         shuffle_size=dc.shuffle_buffer, shuffle_initial=dc.shuffle_initial,
+                         max_bad_in_row=dc.max_bad_in_row)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                          collate_fn=collate, pin_memory=torch.cuda.is_available())
     return stream, loader
@@ -220,8 +225,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         for step in progress:
             batch = next(batches)
             # Consumed even if the step is skipped below: a resumed run must not read it again.
-            for part, number in batch["positions"].items():
-                positions[part] = max(positions.get(part, 0), number)
+            positions.update(batch["positions"])  # a part's state after its last sample in this batch
             images = batch["images"].to(device, non_blocking=True)
             text_embeds = None
             if text_encoder is not None:
@@ -280,7 +284,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if main_process and (done % tc.log_every == 0 or done == tc.steps or step == start):
                 elapsed = time.perf_counter() - clock
                 record = {"step": done, "lr": lr, "img_per_s": images_seen / max(elapsed, 1e-9),
-                          "grad_norm": float(grad_norm), "bad_steps": bad_total, "skipped_samples": stream.skipped,
+                          "grad_norm": float(grad_norm), "bad_steps": bad_total, **stream_counts(positions),
                           **{k: float(v) for k, v in terms.items()}}
                 if tc.ortho_every and (done % tc.ortho_every == 0 or done == tc.steps):
                     record |= {f"cos/{k}": v for k, v in
@@ -306,7 +310,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return {"stage": tc.stage, "out_dir": str(out_dir), "history": history, "model": model,
             "discriminator": discriminator,
             "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
-            "skipped_samples": stream.skipped, "trainable_parameters": len(trainable)}
+            **stream_counts(positions), "trainable_parameters": len(trainable)}
 
 
 def main(argv=None) -> int:

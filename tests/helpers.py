@@ -54,3 +54,28 @@ def make_teacher(bsz: int, seq: int, heads: int | None = None, dtype=torch.float
         probs = torch.where(probs < 0.5 / seq, torch.zeros_like(probs), probs)
     probs = probs / probs.sum(-1, keepdim=True)
     return probs.to(device=device, dtype=dtype)
+
+
+def run_within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a daemon thread; fails the test if it is still running after
+    ``seconds`` (a stuck data loader must fail a test, not hang the suite). Re-raises its exception."""
+    import threading
+
+    import pytest
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} still running after {seconds} s: it hangs")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -159,8 +159,9 @@ class _CombinedBatches:
         from muse.data import ShardStream, Source, collate, expand_shards
 
         streams = [iter(ShardStream([Source(expand_shards(cfg.data.shards[0]))], cfg.model.image_size,
-                                    seed=cfg.train.seed, rank=r, world_size=2)) for r in range(2)]
-        self.skipped, self.per_rank, self.collate, self.streams = 0, per_rank, collate, streams
+                                    seed=cfg.train.seed, rank=r, world_size=2, shuffle_size=cfg.data.shuffle_buffer,
+                                    shuffle_initial=cfg.data.shuffle_initial)) for r in range(2)]
+        self.per_rank, self.collate, self.streams = per_rank, collate, streams
 
     def __iter__(self):
         while True:
@@ -176,7 +177,7 @@ def test_ddp_equals_one_process_on_the_combined_batch(shards, tmp_path, monkeypa
     cfg = _cfg(1, shards, tmp_path / "ddp_pos", steps=2)
     ranks = _run_two_ranks(cfg, tmp_path)
     positions = load_checkpoint(latest_checkpoint(tmp_path / "ddp_pos"))["positions"]
-    assert set(positions) == {0, 1} and all(n >= 4 for n in positions.values())  # every rank's position
+    assert set(positions) == {0, 1} and all(sum(p["consumed"]) >= 4 for p in positions.values())  # every rank's position
 
     single = _cfg(1, shards, tmp_path / "single", steps=2, extra=["data.batch_size=4"])
     combined = _CombinedBatches(cfg, per_rank=2)
