@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from muse.models.pretrained import (internvit_hf_to_remote, internvit_remote_to_hf, is_remote_internvit,
-                                    load_strict, read_state_dict)
+                                    load_strict, read_state_dict, saved_names)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,18 @@ def official_file(path: str | Path) -> Path:
     raise FileNotFoundError(f"official checkpoint: {path} holds none of {', '.join(_FOLDER_FILES)}")
 
 
+TEACHER = "dino_teacher."
+
+
+def _rename_teacher(model: nn.Module, state: dict[str, torch.Tensor], to_saved: bool) -> dict[str, torch.Tensor]:
+    """The teacher's keys between our module's names and the names transformers writes (the official
+    checkpoint's); identity where transformers renames nothing."""
+    names = {TEACHER + own: TEACHER + saved for own, saved in saved_names(model.dino_teacher).items()}
+    if not to_saved:
+        names = {saved: own for own, saved in names.items()}
+    return {names.get(key, key): value for key, value in state.items()}
+
+
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     encoder = {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
     rest = {k: v for k, v in state.items() if not k.startswith(ENCODER)}
@@ -50,7 +62,8 @@ def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An official state dict in our names: only the encoder's keys change."""
+    """An official state dict in our names for the encoder (remote-code InternViT → transformers);
+    :func:`load_official` also maps the teacher's keys to the names transformers holds in memory."""
     encoder, rest = _split(state)
     if encoder and is_remote_internvit(encoder):
         encoder = internvit_remote_to_hf(encoder)
@@ -65,7 +78,8 @@ def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights in the official layout: loadable by the official ``MUSE_ViT`` (strictly,
     with the same components)."""
-    return ours_to_official({k: v.detach() for k, v in model.state_dict().items()})
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return ours_to_official(_rename_teacher(model, state, to_saved=True))
 
 
 def load_official(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
@@ -74,7 +88,8 @@ def load_official(model: nn.Module, path: str | Path, strict: bool = True) -> di
     leaves the model's head at its initialisation, which is logged. Returns ``{"file", "missing",
     "unexpected"}`` (both lists empty under ``strict``)."""
     file = official_file(path)
-    state = official_to_ours(read_state_dict(file, what=f"official checkpoint {file}"))
+    state = _rename_teacher(model, official_to_ours(read_state_dict(file, what=f"official checkpoint {file}")),
+                            to_saved=False)
     own = model.state_dict()
     itc_keys = [k for k in own if k.startswith(ITC_HEAD)]
     missing_itc = [k for k in itc_keys if k not in state]

@@ -105,6 +105,26 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     module.load_state_dict(state, strict=True)
 
 
+def saved_names(module: nn.Module) -> dict[str, str]:
+    """Each state-dict key of a transformers model → the key transformers writes to (and reads from) a
+    checkpoint. transformers ≥ 5 renames some modules in memory (DINOv3's ``layer.N`` lives at
+    ``model.layer.N``) and converts back on save; this asks transformers for that conversion, so a
+    checkpoint written by an older version (as the official MUSE checkpoints are) keeps its names."""
+    state = module.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 saves the names it holds
+        return {key: key for key in state}
+    by_tensor = {id(value): key for key, value in state.items()}
+    names = {}
+    for saved, value in revert_weight_conversion(module, state).items():
+        if id(value) not in by_tensor:
+            raise NotImplementedError(f"{type(module).__name__}: transformers converts {saved!r} on save beyond a "
+                                      f"rename; not supported")
+        names[by_tensor[id(value)]] = saved
+    return names
+
+
 # --- InternViT: remote-code names <-> transformers InternVLVisionModel names -------------------------
 
 _REMOTE_TO_HF = [
@@ -262,9 +282,9 @@ def from_pretrained_strict(cls, folder: Path, what: str, other_towers: tuple[str
     unless every weight was loaded and every stored weight used — but for ``other_towers``' keys."""
     model, info = cls.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32, **kwargs)
     unexpected = [key for key in info["unexpected_keys"] if not key.startswith(other_towers)]
-    mismatched = [f"{key} {tuple(stored)} (expected {tuple(own)})" if isinstance(stored, (tuple, torch.Size))
-                  else str(key) for key, *shapes in map(_as_tuple, info["mismatched_keys"])
-                  for stored, own in [shapes or (None, None)]]
+    # Entries are keys, or (key, stored shape, model shape) tuples, by transformers version.
+    mismatched = [" ".join(map(str, item)) if isinstance(item, tuple) else str(item)
+                  for item in info["mismatched_keys"]]
     problems = []
     if info["missing_keys"]:
         problems.append(f"{len(info['missing_keys'])} missing: {_describe(list(info['missing_keys']))}")
@@ -277,10 +297,6 @@ def from_pretrained_strict(cls, folder: Path, what: str, other_towers: tuple[str
     if problems:
         raise ValueError(f"{what}: the folder's weights do not match {cls.__name__}; " + "; ".join(problems))
     return model.float()
-
-
-def _as_tuple(item):
-    return item if isinstance(item, tuple) else (item,)
 
 
 def load_dinov3(path: str | Path, attn_implementation: str = "eager"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,11 +85,13 @@ def build_tokenizer(cfg: TextConfig):
     if folder:
         from transformers import CLIPTokenizer
 
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(folder)
-        except (OSError, TypeError, ValueError) as error:
-            raise ValueError(f"model.text: no CLIP tokenizer in {folder} (vocab.json and merges.txt); set "
-                             f"model.text.tokenizer to a folder that has one ({error})") from None
+        files = Path(folder)
+        # Without its files, from_pretrained builds a tokenizer with no vocabulary and no error.
+        if not ((files / "tokenizer.json").is_file() or
+                ((files / "vocab.json").is_file() and (files / "merges.txt").is_file())):
+            raise ValueError(f"model.text: no CLIP tokenizer in {folder} (tokenizer.json, or vocab.json and "
+                             f"merges.txt); set model.text.tokenizer to a folder that has one")
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
         return lambda texts: dict(tokenizer(texts, padding="max_length", truncation=True,
                                             max_length=cfg.max_length, return_tensors="pt"))
     if not cfg.random_init:
