@@ -8,6 +8,7 @@ Shipped configs live in ``muse/configs/*.yaml`` and are named by path without th
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import re
@@ -294,6 +295,8 @@ class Config:
 
 
 _ENV = re.compile(r"\$\{(\w+)\}")
+# The top-level sections whose unset checkpoint variables are errors (None: all), for one load_config.
+_ENV_SECTIONS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("env_sections", default=None)
 
 
 def _expand_env(value):
@@ -355,6 +358,9 @@ def _build(cls, data: dict, where: str = ""):
                          f"valid keys{' of ' + where if where else ''}: {', '.join(names)}")
     # random_init=true means the unset path is not wanted.
     random_init = "random_init" in data and _convert(bool, data["random_init"], f"{where}.random_init")
+    checked = _ENV_SECTIONS.get()
+    if checked is not None and where.split(".")[0] not in checked:
+        random_init = True  # a section the caller will not use: an unset path is simply absent
     for f in dataclasses.fields(cls):
         if f.metadata.get("env_required") and not random_init and isinstance(data.get(f.name), str):
             unset = [name for name in _ENV.findall(data[f.name]) if not os.environ.get(name)]
@@ -408,13 +414,20 @@ def _read(name_or_path: str, seen: tuple = ()) -> dict:
     return _merge(_read(parent, (*seen, path)), data) if parent else data
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+def load_config(name_or_path: str, overrides: list[str] | None = None,
+                env_sections: tuple[str, ...] | None = None) -> Config:
     """A shipped config name (``"tiny"``, ``"tiny/stage1"``, ``"muse_1b/stage1"``) or a YAML path, plus
-    ``key.sub=value`` overrides."""
+    ``key.sub=value`` overrides. A checkpoint path naming an unset ``${VAR}`` is an error — in every
+    section, or only in ``env_sections`` (``("model",)`` for tools that never train: the loss's
+    perceptual weights are then not needed)."""
     data = _read(name_or_path)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         _set_path(data, key.strip(), value)
-    return _build(Config, data)
+    token = _ENV_SECTIONS.set(env_sections)
+    try:
+        return _build(Config, data)
+    finally:
+        _ENV_SECTIONS.reset(token)

@@ -338,3 +338,27 @@ def test_random_text_encoder_is_the_same_in_every_run(cfg):
     assert torch.equal(first(ids), second(ids))
     other = ClipTextEncoder(load_config("tiny", ["model.text.seed=1"]).model.text)
     assert not torch.equal(first(ids), other(ids))
+
+
+def test_muse_convert_both_ways(official_state, tmp_path):
+    from safetensors.torch import load_file
+
+    from muse.convert import main
+    from muse.eval.common import load_tokenizer
+
+    source = _write(official_state, tmp_path / "official")
+    assert main(["official-to-ours", str(source), str(tmp_path / "ours"), "--config", "tiny"]) == 0
+    model, _ = load_tokenizer("tiny", str(tmp_path / "ours"))
+    for key, value in official_state.items():
+        if key.startswith(("muse_blocks.", "adapter_mlp.", "decoder.", "semantic_projector.")):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert main(["ours-to-official", str(tmp_path / "ours"), str(tmp_path / "back"), "--config", "tiny"]) == 0
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    # Our checkpoints leave the frozen teacher out: it comes from the config, the rest is bit-exact.
+    assert set(back) == set(official_state)
+    for key, value in official_state.items():
+        if not key.startswith("dino_teacher."):
+            assert torch.equal(back[key], value), key
+    broken = {k: v for k, v in official_state.items() if k != "to_latent.bias"}
+    assert main(["official-to-ours", str(_write(broken, tmp_path / "broken")), str(tmp_path / "x"),
+                 "--config", "tiny"]) == 2
