@@ -362,3 +362,29 @@ def test_muse_convert_both_ways(official_state, tmp_path):
     broken = {k: v for k, v in official_state.items() if k != "to_latent.bias"}
     assert main(["official-to-ours", str(_write(broken, tmp_path / "broken")), str(tmp_path / "x"),
                  "--config", "tiny"]) == 2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_muse_3b_configs_are_muse_1b_but_where_the_official_ones_differ(monkeypatch, tmp_path, stage):
+    import dataclasses
+    import re
+
+    from muse.config import CONFIG_DIR
+
+    for name in {m for f in CONFIG_DIR.rglob("*.yaml") for m in re.findall(r"\$\{(\w+)\}", f.read_text())}:
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    one, three = load_config(f"muse_1b/stage{stage}"), load_config(f"muse_3b/stage{stage}")
+    assert three.model.encoder.pretrained == str(tmp_path / "muse_internvl3_2b_path")
+    # Official configs/muse_3b: 75k steps in stages 1-2 (stage 3 keeps 50k), stage-1 warm-up 5000,
+    # checkpoints every 7.5k.
+    steps = 50000 if stage == 3 else 75000
+    assert (three.train.steps, three.train.ckpt_every) == (steps, 7500)
+    assert three.optim.warmup_steps == (5000 if stage == 1 else one.optim.warmup_steps)
+    assert three.train.init_weight == (None if stage == 1 else f"runs/muse_3b/stage{stage - 1}")
+    expected = dataclasses.replace(
+        one, model=dataclasses.replace(one.model, encoder=dataclasses.replace(
+            one.model.encoder, pretrained=three.model.encoder.pretrained)),
+        optim=dataclasses.replace(one.optim, warmup_steps=three.optim.warmup_steps),
+        train=dataclasses.replace(one.train, steps=steps, ckpt_every=7500, image_every=7500, ortho_every=7500,
+                                  out_dir=f"runs/muse_3b/stage{stage}", init_weight=three.train.init_weight))
+    assert three == expected
