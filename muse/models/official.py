@@ -55,6 +55,24 @@ def _rename_teacher(model: nn.Module, state: dict[str, torch.Tensor], to_saved: 
     return {names.get(key, key): value for key, value in state.items()}
 
 
+def is_official_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is an official checkpoint rather than one of ours (``step_*.pt`` files holding
+    ``model``/``ema`` state dicts): a ``.safetensors``/``.bin`` file, a ``.pt`` holding a flat state
+    dict, or a folder with an official weights file and no checkpoint of ours."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return not any(path.glob("step_*.pt")) and any((path / name).is_file() for name in _FOLDER_FILES)
+    if path.suffix in (".safetensors", ".bin"):
+        return path.is_file()
+    if path.suffix == ".pt" and path.is_file():
+        try:
+            state = torch.load(path, map_location="meta", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged file is for the caller's loader to report
+            return False
+        return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    return False
+
+
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     encoder = {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
     rest = {k: v for k, v in state.items() if not k.startswith(ENCODER)}

@@ -388,3 +388,18 @@ def test_muse_3b_configs_are_muse_1b_but_where_the_official_ones_differ(monkeypa
         train=dataclasses.replace(one.train, steps=steps, ckpt_every=7500, image_every=7500, ortho_every=7500,
                                   out_dir=f"runs/muse_3b/stage{stage}", init_weight=three.train.init_weight))
     assert three == expected
+
+
+def test_stage_init_weight_accepts_an_official_checkpoint(cfg, official_state, tmp_path):
+    from muse.models.official import is_official_checkpoint
+    from muse.train import init_from_previous_stage
+
+    folder = _write(official_state, tmp_path / "checkpoint-50000" / "ema_model").parent
+    assert is_official_checkpoint(folder) and is_official_checkpoint(folder / "ema_model" / "pytorch_model.bin")
+    model = MuseTokenizer(cfg)
+    init_from_previous_stage(model, str(folder), load_config("tiny/stage2"))
+    assert torch.equal(model.to_latent.weight, official_state["to_latent.weight"])
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    torch.save({"ema": {}, "model": {}}, ours / "step_00000010.pt")
+    assert not is_official_checkpoint(ours) and not is_official_checkpoint(ours / "step_00000010.pt")
