@@ -49,6 +49,8 @@ TEACHER = "dino_teacher."
 def _rename_teacher(model: nn.Module, state: dict[str, torch.Tensor], to_saved: bool) -> dict[str, torch.Tensor]:
     """The teacher's keys between our module's names and the names transformers writes (the official
     checkpoint's); identity where transformers renames nothing."""
+    if getattr(model, "dino_teacher", None) is None:  # the structural teacher has no weights
+        return state
     names = {TEACHER + own: TEACHER + saved for own, saved in saved_names(model.dino_teacher).items()}
     if not to_saved:
         names = {saved: own for own, saved in names.items()}

@@ -17,6 +17,7 @@ from torch import nn
 from muse.config import ModelConfig
 from muse.models.block import SynergisticBlock
 from muse.models.pretrained import load_dcae_decoder, load_dinov3, load_internvit
+from muse.models.structural_teacher import StructuralTeacher
 from muse_kernels import resize_attention_4d
 from muse_kernels.ops.resize_attention import RENORM_EPS, interpolation_matrix
 
@@ -94,6 +95,8 @@ def build_teacher(cfg: ModelConfig) -> nn.Module:
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     t = cfg.teacher
+    if t.kind == "structural":
+        return StructuralTeacher(t.patch_size, t.colour_sigma, t.texture_sigma, t.distance_sigma)
     # Eager attention: the SDPA and flash paths do not return the maps the loss needs.
     if t.pretrained:
         model = load_dinov3(t.pretrained, attn_implementation="eager")
@@ -203,7 +206,12 @@ class MuseTokenizer(nn.Module):
         self.decoder, decoder_channels = build_decoder(cfg)
         self.decoder_adapter = (nn.Conv2d(cfg.latent_channels, decoder_channels, 1)
                                 if cfg.latent_channels != decoder_channels else nn.Identity())
-        self.dino_teacher = build_teacher(cfg)
+        teacher = build_teacher(cfg)
+        # The official name for DINOv3; the structural teacher has no weights and no official name.
+        if isinstance(teacher, StructuralTeacher):
+            self.structural_teacher, self.dino_teacher = teacher, None
+        else:
+            self.dino_teacher = teacher
         self.register_buffer("dino_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("dino_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         for part in (self.adapter_mlp, self.muse_blocks, self.to_latent, self.semantic_projector):
@@ -212,8 +220,19 @@ class MuseTokenizer(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.dino_teacher.eval()  # frozen: no dropout or statistics updates, ever
+        self.teacher.eval()  # frozen: no dropout or statistics updates, ever
         return self
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.dino_teacher if self.dino_teacher is not None else self.structural_teacher
+
+    @property
+    def teacher_name(self) -> str:
+        """What the topology loss aligns with, for logs and plots."""
+        if self.dino_teacher is None:
+            return self.structural_teacher.name
+        return "DINOv3 teacher" + (" (random weights)" if self.cfg.teacher.random_init else "")
 
     def load_official_checkpoint(self, path, strict: bool = True) -> dict:
         """Loads an official MUSE checkpoint (a ``.safetensors``/``.bin``/``.pt`` state dict, or a
@@ -244,7 +263,7 @@ class MuseTokenizer(nn.Module):
     def teacher_maps(self, images: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """The teacher's last-layer attention, head-averaged, patch-to-patch, rows renormalized, Ψ-resized
         to ``grid_hw``. ``model.teacher_layout: official`` returns the official Ψ's transposed map."""
-        patch = self.dino_teacher.config.patch_size
+        patch = self.cfg.teacher.patch_size if self.dino_teacher is None else self.dino_teacher.config.patch_size
         # Normalized once (the official code normalizes an already-normalized image a second time);
         # padded to whole patches as official.
         pixels = ((images + 1) / 2 - self.dino_mean) / self.dino_std
@@ -253,10 +272,13 @@ class MuseTokenizer(nn.Module):
             pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
         source_hw = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
         spatial = source_hw[0] * source_hw[1]
-        out = self.dino_teacher(pixel_values=pixels, output_attentions=True)
-        # The patch tokens are the last ones, after CLS and registers.
-        patches = out.attentions[-1].float()[:, :, -spatial:, -spatial:].mean(dim=1)
-        patches = patches / (patches.sum(-1, keepdim=True) + RENORM_EPS)
+        if self.dino_teacher is None:
+            patches = self.structural_teacher((pixels * self.dino_std + self.dino_mean).clamp(0, 1))
+        else:
+            out = self.dino_teacher(pixel_values=pixels, output_attentions=True)
+            # The patch tokens are the last ones, after CLS and registers.
+            patches = out.attentions[-1].float()[:, :, -spatial:, -spatial:].mean(dim=1)
+            patches = patches / (patches.sum(-1, keepdim=True) + RENORM_EPS)
         grid_hw = tuple(grid_hw)
         if source_hw == grid_hw:
             return patches
