@@ -54,6 +54,12 @@ def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
 # (shielded, or not with/without an output gradient), the per-head topology KL (alone or fused with
 # attention), the head-mean KL (through the map gradient), and a plain unshielded backward.
 _BWD_PATHS = ((False, True, False), (True, True, False), (True, False, False), (False, False, True))
+# The general path (masks, causal, GQA, N_q != N_k) is unshielded, with an output gradient, and its
+# map gradients in fp32 (the launcher casts): (OUT_TO_QK, HAS_DATTN) of its backward launches.
+_GENERAL_BWD_PATHS = ((True, False), (True, True))
+# Mask pointer dtype per mask kind; without a mask the launchers pass an fp32 placeholder.
+_MASK_POINTER = {"none": "fp32", "bool": "u8", "additive": "fp32"}
+_MUSE = (("GENERAL", False), ("MASK", "none"))
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -71,19 +77,55 @@ def kernel_specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(
                     "_synergistic_attention_fwd_kernel",
                     (("Q", t), ("K", t), ("V", t if has_v else "fp32"), ("Out", t if has_v else "fp32"),
-                     ("Lse", "fp32"), ("Teacher", teacher), ("RowLoss", "fp32")),
+                     ("Lse", "fp32"), ("Teacher", teacher), ("RowLoss", "fp32"), ("Mask", "fp32")),
                     (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-                     ("HAS_V", has_v), ("TEACHER", teacher_dtype is not None), ("INPUT_PRECISION", precision)),
+                     ("HAS_V", has_v), ("TEACHER", teacher_dtype is not None), ("INPUT_PRECISION", precision),
+                     *_MUSE),
                     cfg.num_warps, cfg.num_stages))
-            cfg = sa.maps_config(dim, dtype)
-            for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES):
-                specs.append(KernelSpec(
-                    "_synergistic_attention_maps_kernel",
-                    (("Q", t), ("K", t), ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype])),
-                    (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-                     ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision)),
-                    cfg.num_warps, cfg.num_stages))
+            specs += _maps_specs(sa.maps_config(dim, dtype), dim, t, precision, _MUSE, "fp32")
             specs += _backward_specs(sa.bwd_config(dim, dtype), dim, t, precision)
+            for mask in sa.MASK_KINDS:
+                specs += _general_specs(sa, dim, dtype, precision, mask)
+    return specs
+
+
+def _maps_specs(cfg, dim: int, t: str, precision: str, general: tuple, mask_pointer: str) -> list[KernelSpec]:
+    return [KernelSpec(
+        "_synergistic_attention_maps_kernel",
+        (("Q", t), ("K", t), ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype]), ("Mask", mask_pointer)),
+        (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+         ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision), *general),
+        cfg.num_warps, cfg.num_stages)
+        for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES)]
+
+
+def _general_specs(sa, dim: int, dtype: torch.dtype, precision: str, mask: str) -> list[KernelSpec]:
+    t, mask_pointer = _TRITON_DTYPE[dtype], _MASK_POINTER[mask]
+    general = (("GENERAL", True), ("MASK", mask))
+    cfg = sa.fwd_config(dim, dtype)
+    specs = [KernelSpec(
+        "_synergistic_attention_fwd_kernel",
+        (("Q", t), ("K", t), ("V", t), ("Out", t), ("Lse", "fp32"), ("Teacher", "fp32"), ("RowLoss", "fp32"),
+         ("Mask", mask_pointer)),
+        (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HAS_V", True),
+         ("TEACHER", False), ("INPUT_PRECISION", precision), *general),
+        cfg.num_warps, cfg.num_stages)]
+    specs += _maps_specs(sa.maps_config(dim, dtype), dim, t, precision, general, mask_pointer)
+    cfg = sa.bwd_config(dim, dtype)
+    blocks = (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n))
+    extra = (("dAttn", "fp32"), ("Teacher", "fp32"), ("TeacherRowSum", "fp32"), ("KlGrad", "fp32"),
+             ("Lse", "fp32"), ("Delta", "fp32"))
+    for out_to_qk, has_dattn in _GENERAL_BWD_PATHS:
+        flags = (("OUT_TO_QK", out_to_qk), ("HAS_DATTN", has_dattn), ("TEACHER", False))
+        specs.append(KernelSpec(
+            "_synergistic_attention_bwd_dq_kernel",
+            (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), *extra, ("dQ", t), ("Mask", mask_pointer)),
+            (*blocks, *flags, ("INPUT_PRECISION", precision), *general), cfg.num_warps, cfg.num_stages))
+        specs.append(KernelSpec(
+            "_synergistic_attention_bwd_dkdv_kernel",
+            (("Q", t), ("K", t), ("V", t), ("dOut", t), *extra, ("dK", t), ("dV", t), ("Mask", mask_pointer)),
+            (*blocks, *flags, ("COMPUTE_DK", True), ("COMPUTE_DV", True), ("INPUT_PRECISION", precision),
+             *general), cfg.num_warps, cfg.num_stages))
     return specs
 
 
@@ -102,20 +144,20 @@ def _backward_specs(cfg, dim: int, t: str, precision: str) -> list[KernelSpec]:
             if compute_dk:
                 specs.append(KernelSpec(
                     "_synergistic_attention_bwd_dq_kernel",
-                    (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), *extra, ("dQ", t)),
-                    (*blocks, *flags, ("INPUT_PRECISION", precision)), cfg.num_warps, cfg.num_stages))
+                    (("Q", t), ("K", t), ("V", t), ("Out", t), ("dOut", t), *extra, ("dQ", t), ("Mask", "fp32")),
+                    (*blocks, *flags, ("INPUT_PRECISION", precision), *_MUSE), cfg.num_warps, cfg.num_stages))
             # dV is skipped when the output carries no gradient (a loss on the maps only).
             for compute_dv in (True,) if (out_to_qk or not compute_dk) else (True, False):
                 specs.append(KernelSpec(
                     "_synergistic_attention_bwd_dkdv_kernel",
-                    (("Q", t), ("K", t), ("V", t), ("dOut", t), *extra, ("dK", t), ("dV", t)),
+                    (("Q", t), ("K", t), ("V", t), ("dOut", t), *extra, ("dK", t), ("dV", t), ("Mask", "fp32")),
                     (*blocks, *flags, ("COMPUTE_DK", compute_dk), ("COMPUTE_DV", compute_dv),
-                     ("INPUT_PRECISION", precision)), cfg.num_warps, cfg.num_stages))
+                     ("INPUT_PRECISION", precision), *_MUSE), cfg.num_warps, cfg.num_stages))
     return specs
 
 
 def _scalar_type(name: str) -> str:
-    if name.startswith("stride_") or name in ("H", "N"):
+    if name.startswith("stride_") or name in ("H", "N", "N_K", "kv_group", "causal_offset"):
         return "i32"
     return "fp32"
 

@@ -8,6 +8,7 @@ import torch
 
 from muse_kernels.ops.synergistic_attention import (
     SUPPORTED_HEAD_DIMS,
+    is_general,
     synergistic_attention_triton,
     triton_interpreting,
 )
@@ -42,7 +43,8 @@ def _autocast(*tensors: torch.Tensor):
     return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in tensors)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, same_shape: bool = True) -> None:
+    """``same_shape=False`` (attention) lets k, v have their own length and fewer heads (GQA)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -52,16 +54,42 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise TypeError(f"{name} must be float32, float16 or bfloat16 (or float64 with backend='torch'), "
                             f"got {x.dtype}")
     for name, x in (("k", k), ("v", v)):
-        if x.shape != q.shape:
+        if same_shape and x.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if not same_shape:
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+            raise ValueError(f"k, v must have q's batch size and head_dim (q: {tuple(q.shape)}), got {tuple(k.shape)}")
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+            raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's and v's heads ({k.shape[1]}), "
+                             "grouped-query attention")
+        if k.shape[2] == 0:
+            raise ValueError("k, v must have seq_len (dim 2) >= 1, got 0")
     if q.shape[2] == 0:
         raise ValueError("q, k, v must have seq_len (dim 2) >= 1, got 0")
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise ValueError(f"q, k, v must have batch and heads >= 1, got shape {tuple(q.shape)}")
+
+
+def _check_attn_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.dim() != 4 or any(m not in (1, n) for m, n in zip(attn_mask.shape, full)):
+        raise ValueError(f"attn_mask must be 4-D and broadcastable to (batch, heads, q_len, k_len) = {full} "
+                         f"(each dim 1 or full), got shape {tuple(attn_mask.shape)}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the logits), got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+    if attn_mask.requires_grad:
+        raise ValueError("attn_mask must not require grad: gradients with respect to the mask are not supported")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -181,12 +209,15 @@ def synergistic_attention(
     kl_reduction: str = "head_mean",
     kl_eps: float = 1e-8,
     validate_teacher: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(scale·q·kᵀ)·v that can also return its attention maps, with MUSE's gradient routing.
 
     Args:
-        q, k, v: (B, H, N, D) tensors of one dtype (fp32, fp16 or bf16; the torch backend also takes
-            fp64) on one device. Any strides with a contiguous last dim run without a copy, e.g.
+        q, k, v: q (B, H, N, D), k and v (B, H_kv, N_k, D) of one dtype (fp32, fp16 or bf16; the torch
+            backend also takes fp64) on one device; N_k = N and H_kv = H is self-attention (MUSE),
+            otherwise the general path below. Any strides with a contiguous last dim run without a copy, e.g.
             ``x.view(B, N, H, D).transpose(1, 2)``; a non-contiguous last dim is copied once.
         scale: logit scale, default D^-½.
         return_attn: None (no maps), ``"per_head"`` → (B, H, N, N), ``"head_mean"`` → (B, N, N).
@@ -200,13 +231,23 @@ def synergistic_attention(
         teacher: if given, return the topology KL loss instead of the maps, from the same fused
             forward (see :func:`topology_kl_loss` for ``teacher``, ``kl_reduction``, ``kl_eps`` and
             ``validate_teacher``). The backward is shielded: dV from dO, dQ/dK from the KL only.
+        attn_mask: None, or a 4-D mask broadcastable to (B, H, N, N_k) (each dim 1 or full, read
+            through zero strides, never copied): bool (True = attend) or floating (added to the
+            scaled logits; values at or below -1e30·ln 2 mask, -inf included; a float mask is
+            converted to fp32 once).
+        causal: a causal mask, bottom-right aligned: query i sees key j iff j ≤ i + N_k − N (the
+            queries are the last N positions, as with a KV cache; for N = N_k the usual triangle).
+            Rows whose every key is masked attend uniformly to all N_k keys, as transformers' eager
+            attention defines them. The general path (mask, causal, H_kv < H, N_k ≠ N) takes
+            ``shield=False`` and no teacher, and runs on the ``triton`` and ``torch`` backends.
 
     Returns:
         ``(out, attn)``, or ``(out, kl_loss)`` with a teacher: out has v's dtype and shape
-        (B, H, N, D); attn is None unless requested; kl_loss is a 0-dim fp32 tensor.
+        (B, H, N, D); attn (B, H, N, N_k) or (B, N, N_k) is None unless requested; kl_loss is a 0-dim
+        fp32 tensor.
     """
     q, k, v = _autocast(q, k, v)
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, same_shape=False)
     if return_attn is not None and return_attn not in MAP_KINDS:
         raise ValueError(f"return_attn must be None, 'per_head' or 'head_mean', got {return_attn!r}")
     if attn_dtype not in ATTN_DTYPES:
@@ -214,7 +255,18 @@ def synergistic_attention(
     if not isinstance(shield, bool):
         raise TypeError(f"shield must be a bool, got {type(shield).__name__}")
     scale = _check_scale(scale, q.shape[-1])
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, q, k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    general = is_general(q, k, attn_mask, causal)
+    if general and shield:
+        raise ValueError("shield=True (MUSE's gradient shield) supports only self-attention without masks; "
+                         "pass shield=False with attn_mask, causal, grouped-query heads or k_len != q_len")
     if teacher is not None:
+        if general:
+            raise ValueError("a teacher (fused topology loss) needs self-attention without masks: no attn_mask, "
+                             "causal, grouped-query heads or k_len != q_len")
         _check_teacher(teacher, q, kl_reduction, kl_eps)
         if return_attn is not None:
             raise ValueError("return_attn must be None when a teacher is given: the fused loss replaces the maps")
@@ -222,10 +274,14 @@ def synergistic_attention(
             raise ValueError("shield must be True when a teacher is given: the fused loss trains q and k only")
     resolved = _resolve_backend(backend, q.device)
 
+    if resolved == "cuda" and general:
+        raise ValueError("backend='cuda' supports only self-attention without masks (MUSE); use backend='triton' "
+                         "for attn_mask, causal, grouped-query heads or k_len != q_len")
     if resolved == "torch":
         if teacher is None:
             return synergistic_attention_reference(
-                q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield
+                q, k, v, scale=scale, return_attn=return_attn, attn_dtype=attn_dtype, shield=shield,
+                attn_mask=attn_mask, causal=causal,
             )
         if validate_teacher:
             _validate_teacher(teacher)
@@ -236,4 +292,6 @@ def synergistic_attention(
     attention, topology_kl = KERNELS[resolved]
     if teacher is not None:
         return topology_kl(q, k, v, teacher, scale, kl_reduction, kl_eps, validate_teacher)
+    if general:
+        return attention(q, k, v, scale, return_attn, attn_dtype, shield, attn_mask, causal)
     return attention(q, k, v, scale, return_attn, attn_dtype, shield)

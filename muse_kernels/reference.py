@@ -3,13 +3,21 @@
 They follow the official MUSE code: logits in the input dtype, softmax in fp32 (or fp64 for fp64
 inputs), the map cast back to the value dtype for ``A·V``, and the gradient shield as
 ``stopgrad(A)·V``. Every N×N map is materialized: this is the eager baseline the kernels replace.
+
+Masks follow transformers' eager attention: a masked logit gets finfo.min added, which absorbs it,
+so a row whose every key is masked is uniform over all keys (and its softmax gradient flows as
+eager's autograd computes it).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MAP_KINDS = ("per_head", "head_mean")
+# Additive mask values at or below this mask their entry, like the kernels' clamp at -1e30 in log2 units.
+ADDITIVE_MASKED = -1.0e30 * math.log(2.0)
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,6 +35,28 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     return torch.softmax(_attention_logits(q, k, scale), dim=-1)
 
 
+def attention_bias(attn_mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The additive bias transformers' eager attention adds to the logits: 0 where attended, finfo.min
+    where masked, an additive mask's own values elsewhere. ``causal`` is bottom-right aligned (query i
+    sees key j iff j ≤ i + k_len − q_len). None when there is nothing to add."""
+    if attn_mask is None and not causal:
+        return None
+    masked = torch.finfo(dtype).min
+    bias = torch.zeros((), dtype=dtype, device=device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.where(attn_mask, bias, masked)
+        else:
+            bias = attn_mask.to(dtype)
+            bias = torch.where(bias <= ADDITIVE_MASKED, masked, bias)
+    if causal:
+        rows = torch.arange(q_len, device=device)[:, None]
+        cols = torch.arange(k_len, device=device)[None, :]
+        bias = torch.where(cols <= rows + (k_len - q_len), bias, masked)
+    return bias
+
+
 def synergistic_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -35,11 +65,22 @@ def synergistic_attention_reference(
     return_attn: str | None = None,
     attn_dtype: torch.dtype | None = torch.float32,
     shield: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Eager Synergistic attention. ``attn_dtype=None`` keeps the maps in the softmax dtype."""
+    """Eager Synergistic attention. ``attn_dtype=None`` keeps the maps in the softmax dtype.
+
+    k, v may have fewer heads than q (grouped-query attention: query head h reads kv head
+    h // (H / H_kv)) and their own length; ``attn_mask`` (4-D, broadcastable, bool or additive) and
+    ``causal`` as in :func:`attention_bias`."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    probs = attention_probs(q, k, scale)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = _attention_logits(q, k, scale)
+    bias = attention_bias(attn_mask, causal, q.shape[2], k.shape[2], logits.dtype, logits.device)
+    probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
     # The gradient shield: the output path treats the map as a constant, so only the maps' own
     # gradient reaches q and k.
     mixing = probs.detach() if shield else probs

@@ -17,6 +17,22 @@ Backward (two deterministic kernels, no atomics)
   With the shield on, dP is only the maps' gradient (dO·Vᵀ is never formed); with it off, dP = dO·Vᵀ
   plus the maps' gradient. Head-mean map gradients are read with a zero head stride and weight 1/H.
   A per-head KL term adds (rowsum(t)·P − t) to dS in both kernels; dV is skipped without dO.
+
+General attention (``GENERAL``, what transformers models need; unshielded, no teacher)
+  * query and key lengths may differ (``N`` queries, ``N_K`` keys); grouped-query attention reads
+    k/v head ``h // kv_group``, and the dK/dV kernel (one program per kv head and key block) sums
+    over the group's query heads;
+  * a causal mask, bottom-right aligned (query i sees keys j ≤ i + N_K − N, FlashAttention ≥ 2.1's
+    convention and transformers' for queries at the end of a KV cache), given as ``causal_offset``
+    (N_K − N; N_K for none). Key blocks no query of a block can see are skipped;
+  * a 4-D attention mask broadcast over (batch, head, query, key) by zero strides: boolean
+    (``MASK="bool"``, True = attend) or additive (``MASK="additive"``, fp32).
+  Masked logits are set to a finite ``MASKED_LOGIT`` rather than −inf: a row whose keys are all
+  masked then comes out uniform over all N_K keys, exactly as transformers' eager attention (whose
+  masks add finfo.min, which absorbs the logits) defines it. Its LSE, MASKED_LOGIT + log2(N_K), is not
+  representable and is stored as MASKED_LOGIT, so kernels that recompute P from the LSE scale such
+  rows by 1/N_K. ``GENERAL=False`` (MUSE: self-attention, no mask) compiles to the code it had before
+  these features existed.
 """
 
 from __future__ import annotations
@@ -31,20 +47,68 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
+LOG2E_ = tl.constexpr(LOG2E)
+# Far below any real logit (log2 units) and large enough that adding a logit leaves it unchanged.
+MASKED_LOGIT = tl.constexpr(-1.0e30)
+# The same in natural units: additive mask values at or below it mask their entry.
+ADDITIVE_MASKED = tl.constexpr(-1.0e30 * LN2.value)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MASK_KINDS = ("none", "bool", "additive")
+# Scalars only the general path reads. Never specialized on their values (Triton would turn a 1 into a
+# constant), so the compiled variants are exactly the ones `muse_kernels.aot` compiles.
+GENERAL_SCALARS = ("N_K", "kv_group", "causal_offset")
 
 
 @triton.jit
+def _apply_masks(s, q_idx, k_idx, in_bounds, causal_offset, mask_base, stride_mm, stride_mn,
+                 MASK: tl.constexpr):
+    """Logits ``s`` (log2 units) with the causal and attention masks applied. ``q_idx``, ``k_idx`` are
+    broadcastable index tensors (a row and a column vector, in either orientation), so the same code
+    serves the (query, key) tiles and the transposed tiles of the dK/dV kernel. Entries outside the
+    tensors are masked too: with a fully masked row's LSE (MASKED_LOGIT) any real logit there would
+    overflow exp2."""
+    visible = (k_idx <= q_idx + causal_offset) & in_bounds
+    mask_ptrs = mask_base + q_idx.to(tl.int64) * stride_mm + k_idx.to(tl.int64) * stride_mn
+    if MASK == "bool":
+        allowed = tl.load(mask_ptrs, mask=in_bounds, other=0)
+        visible = visible & (allowed != 0)
+    if MASK == "additive":
+        bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        # Values this low (finfo.min, −inf) mask the entry; clamped first, as finfo.min·log2(e) overflows.
+        visible = visible & (bias > ADDITIVE_MASKED)
+        s = s + tl.maximum(bias, ADDITIVE_MASKED) * LOG2E_
+    return tl.where(visible, s, MASKED_LOGIT)
+
+
+@triton.jit
+def _fully_masked_scale(lse, n_keys):
+    """1/N_K for rows whose every key is masked (their P is uniform, see the module docstring), else 1."""
+    return tl.where(lse < 0.5 * MASKED_LOGIT, 1.0 / n_keys, 1.0)
+
+
+@triton.jit
+def _key_range_end(m_block, N_K, causal_offset, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
+    """End of the key range a query block can see: the causal diagonal, or every key when the block
+    may hold fully masked rows (which attend uniformly to all keys) or an attention mask applies."""
+    hi = tl.minimum(N_K, (m_block + 1) * BLOCK_M + causal_offset)
+    if MASK != "none":
+        hi = N_K
+    return tl.where(m_block * BLOCK_M + causal_offset < 0, N_K, hi)
+
+
+@triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Teacher, RowLoss,
+    Q, K, V, Out, Lse, Teacher, RowLoss, Mask,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_tb, stride_th, stride_tm, stride_tn,
-    H, N, qk_scale_log2,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_V: tl.constexpr, TEACHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GENERAL: tl.constexpr, MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
@@ -52,6 +116,14 @@ def _synergistic_attention_fwd_kernel(
     m_block = pid % num_m_blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if GENERAL:
+        h_kv = h // kv_group
+        n_keys = N_K
+        key_end = _key_range_end(m_block, N_K, causal_offset, BLOCK_M, MASK)
+    else:
+        h_kv = h
+        n_keys = N
+        key_end = N
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -60,9 +132,10 @@ def _synergistic_attention_fwd_kernel(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
     t_base = Teacher + b * stride_tb + h * stride_th + offs_m[:, None].to(tl.int64) * stride_tm
+    mask_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -72,9 +145,9 @@ def _synergistic_attention_fwd_kernel(
     t_logt = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < N
+        col_ok = cols < n_keys
         k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
         if TEACHER:
@@ -84,6 +157,9 @@ def _synergistic_attention_fwd_kernel(
             t_s += tl.sum(t * s, 1)
             t_logt += tl.sum(t * tl.log(tl.where(t > 0, t, 1.0)), 1)
             t_sum += tl.sum(t, 1)
+        if GENERAL:
+            s = _apply_masks(s, offs_m[:, None], cols[None, :], row_ok[:, None] & col_ok[None, :], causal_offset,
+                             mask_base, stride_mm, stride_mn, MASK)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         # Column 0 is valid in the first block, so m_new is finite from the first iteration on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -107,19 +183,25 @@ def _synergistic_attention_fwd_kernel(
         tl.store(RowLoss + bh.to(tl.int64) * N + offs_m, row_loss, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_maps_kernel(
-    Q, K, Lse, Attn,
+    Q, K, Lse, Attn, Mask,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_ab, stride_ah, stride_am, stride_an,
-    H, N, qk_scale_log2,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GENERAL: tl.constexpr, MASK: tl.constexpr,
 ):
+    if GENERAL:
+        n_keys = N_K
+    else:
+        n_keys = N
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    num_n_blocks = tl.cdiv(n_keys, BLOCK_N)
     tiles = num_m_blocks * num_n_blocks
     map_idx = pid // tiles
     tile = pid % tiles
@@ -138,18 +220,27 @@ def _synergistic_attention_maps_kernel(
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
-    col_ok = offs_n < N
+    col_ok = offs_n < n_keys
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for h_step in range(0, num_heads):
         h = (h_first + h_step).to(tl.int64)
+        if GENERAL:
+            h_kv = h // kv_group
+        else:
+            h_kv = h
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
-        k_t = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+        k_t = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
                       mask=col_ok[None, :], other=0.0)
         lse = tl.load(Lse + (b * H + h) * N + offs_m, mask=row_ok, other=0.0)
         s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
-        acc += tl.exp2(s - lse[:, None])
+        if GENERAL:
+            s = _apply_masks(s, offs_m[:, None], offs_n[None, :], row_ok[:, None] & col_ok[None, :], causal_offset,
+                             Mask + b * stride_mb + h * stride_mh, stride_mm, stride_mn, MASK)
+            acc += tl.exp2(s - lse[:, None]) * _fully_masked_scale(lse, n_keys)[:, None]
+        else:
+            acc += tl.exp2(s - lse[:, None])
     if HEAD_MEAN:
         acc = acc / H
         h_out = 0
@@ -160,9 +251,9 @@ def _synergistic_attention_maps_kernel(
     tl.store(a_ptrs, acc.to(Attn.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_bwd_dq_kernel(
-    Q, K, V, Out, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dQ,
+    Q, K, V, Out, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dQ, Mask,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -172,10 +263,11 @@ def _synergistic_attention_bwd_dq_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_rb, stride_rh, stride_rm,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GENERAL: tl.constexpr, MASK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
@@ -183,6 +275,14 @@ def _synergistic_attention_bwd_dq_kernel(
     m_block = pid % num_m_blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if GENERAL:
+        h_kv = h // kv_group
+        n_keys = N_K
+        key_end = _key_range_end(m_block, N_K, causal_offset, BLOCK_M, MASK)
+    else:
+        h_kv = h
+        n_keys = N
+        key_end = N
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -192,10 +292,13 @@ def _synergistic_attention_bwd_dq_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if GENERAL:
+        row_scale = _fully_masked_scale(lse, n_keys)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
     da_base = dAttn + b * stride_dab + h * stride_dah + offs_m[:, None].to(tl.int64) * stride_dam
     t_base = Teacher + b * stride_tb + h * stride_th + offs_m[:, None].to(tl.int64) * stride_tm
+    mask_base = Mask + b * stride_mb + h * stride_mh
     if TEACHER:
         # dKL/dS = (Σ_j t)·A − t per row, times the upstream gradient and the mean's 1/count.
         kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
@@ -211,22 +314,34 @@ def _synergistic_attention_bwd_dq_kernel(
                      + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
         delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DATTN:
-        for start_n in range(0, N, BLOCK_N):
+        for start_n in range(0, key_end, BLOCK_N):
             cols = start_n + offs_n
-            col_ok = cols < N
+            col_ok = cols < n_keys
             k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[:, None])
+            s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+            if GENERAL:
+                s = _apply_masks(s, offs_m[:, None], cols[None, :], row_ok[:, None] & col_ok[None, :],
+                                 causal_offset, mask_base, stride_mm, stride_mn, MASK)
+                p = tl.exp2(s - lse[:, None]) * row_scale[:, None]
+            else:
+                p = tl.exp2(s - lse[:, None])
             da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             delta += tl.sum(p * (da.to(tl.float32) * attn_grad_weight), 1)
     tl.store(Delta + bh.to(tl.int64) * N + offs_m, delta, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < N
+        col_ok = cols < n_keys
         k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[:, None])
+        s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+        if GENERAL:
+            s = _apply_masks(s, offs_m[:, None], cols[None, :], row_ok[:, None] & col_ok[None, :], causal_offset,
+                             mask_base, stride_mm, stride_mn, MASK)
+            p = tl.exp2(s - lse[:, None]) * row_scale[:, None]
+        else:
+            p = tl.exp2(s - lse[:, None])
         p = tl.where(col_ok[None, :], p, 0.0)
         ds = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if OUT_TO_QK or HAS_DATTN:
@@ -249,9 +364,9 @@ def _synergistic_attention_bwd_dq_kernel(
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_bwd_dkdv_kernel(
-    Q, K, V, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dK, dV,
+    Q, K, V, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dK, dV, Mask,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -261,75 +376,107 @@ def _synergistic_attention_bwd_dkdv_kernel(
     stride_rb, stride_rh, stride_rm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, N, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GENERAL: tl.constexpr, MASK: tl.constexpr,
 ):
+    if GENERAL:
+        n_keys = N_K
+        kv_heads = H // kv_group
+        group_size = kv_group
+    else:
+        n_keys = N
+        kv_heads = H
+        group_size = 1
     pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(N, BLOCK_N)
-    bh = pid // num_n_blocks
+    num_n_blocks = tl.cdiv(n_keys, BLOCK_N)
+    bh_kv = pid // num_n_blocks
     n_block = pid % num_n_blocks
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = (bh_kv // kv_heads).to(tl.int64)
+    h_kv = (bh_kv % kv_heads).to(tl.int64)
+    if GENERAL:
+        # The first query that can see this key block (causal), or every query when some rows are
+        # fully masked (they attend uniformly to all keys) or an attention mask applies.
+        query_start = tl.maximum(n_block * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+        if MASK != "none":
+            query_start = 0
+        query_start = tl.where(causal_offset < 0, 0, query_start)
+    else:
+        query_start = 0
 
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < N
+    col_ok = offs_n < n_keys
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=col_ok[:, None], other=0.0)
     if OUT_TO_QK:
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=col_ok[:, None], other=0.0)
     if TEACHER:
         kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = dOut + b * stride_dob + h * stride_doh
-    da_base = dAttn + b * stride_dab + h * stride_dah + offs_n[:, None].to(tl.int64) * stride_dan
-    t_base = Teacher + b * stride_tb + h * stride_th + offs_n[:, None].to(tl.int64) * stride_tn
-    stat_base = bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < N
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # +inf for padded query rows makes their probabilities exactly 0.
-        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf"))
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2 - lse[None, :])
-        if COMPUTE_DV or OUT_TO_QK:
-            do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=row_ok[:, None], other=0.0)
-        if COMPUTE_DV:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        if COMPUTE_DK:
-            ds_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if OUT_TO_QK or HAS_DATTN:
-                dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-                if OUT_TO_QK:
-                    dp_t = tl.dot(v, tl.trans(do.to(v.dtype)), dp_t, input_precision=INPUT_PRECISION)
-                if HAS_DATTN:
-                    da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
-                                   mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-                    dp_t += da_t.to(tl.float32) * attn_grad_weight
-                delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
-                ds_t = p_t * (dp_t - delta[None, :])
-            if TEACHER:
-                t_t = tl.load(t_base + rows[None, :].to(tl.int64) * stride_tm,
-                              mask=col_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
-                t_rowsum = tl.load(TeacherRowSum + b * stride_rb + h * stride_rh + rows * stride_rm,
-                                   mask=row_ok, other=0.0)
-                ds_t += kl_weight * (t_rowsum[None, :] * p_t - t_t)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    # Grouped-query attention: the kv head's gradients sum over the query heads that share it.
+    for g in range(0, group_size):
+        h = h_kv * group_size + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = dOut + b * stride_dob + h * stride_doh
+        da_base = dAttn + b * stride_dab + h * stride_dah + offs_n[:, None].to(tl.int64) * stride_dan
+        t_base = Teacher + b * stride_tb + h * stride_th + offs_n[:, None].to(tl.int64) * stride_tn
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        if GENERAL:
+            stat_base = (b * H + h) * N
+        else:
+            stat_base = bh_kv.to(tl.int64) * N
+        for start_m in range(query_start, N, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < N
+            q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            # +inf for padded query rows makes their probabilities exactly 0.
+            lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf"))
+            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2
+            if GENERAL:
+                s_t = _apply_masks(s_t, rows[None, :], offs_n[:, None], col_ok[:, None] & row_ok[None, :],
+                                   causal_offset, mask_base, stride_mm, stride_mn, MASK)
+                p_t = tl.exp2(s_t - lse[None, :]) * _fully_masked_scale(lse, n_keys)[None, :]
+            else:
+                p_t = tl.exp2(s_t - lse[None, :])
+            if COMPUTE_DV or OUT_TO_QK:
+                do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                             mask=row_ok[:, None], other=0.0)
+            if COMPUTE_DV:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            if COMPUTE_DK:
+                ds_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                if OUT_TO_QK or HAS_DATTN:
+                    dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                    if OUT_TO_QK:
+                        dp_t = tl.dot(v, tl.trans(do.to(v.dtype)), dp_t, input_precision=INPUT_PRECISION)
+                    if HAS_DATTN:
+                        da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
+                                       mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+                        dp_t += da_t.to(tl.float32) * attn_grad_weight
+                    delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                if TEACHER:
+                    t_t = tl.load(t_base + rows[None, :].to(tl.int64) * stride_tm,
+                                  mask=col_ok[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+                    t_rowsum = tl.load(TeacherRowSum + b * stride_rb + h * stride_rh + rows * stride_rm,
+                                       mask=row_ok, other=0.0)
+                    ds_t += kl_weight * (t_rowsum[None, :] * p_t - t_t)
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
 
     if COMPUTE_DK:
-        tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        tl.store(dK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
     if COMPUTE_DV:
-        tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        tl.store(dV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
                  dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -408,51 +555,107 @@ def new_output_like(v: torch.Tensor) -> torch.Tensor:
     return v.new_empty(bsz, seq, heads, dim).transpose(1, 2)
 
 
+def new_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output of q's heads and queries with v's head dim, laid out as ``new_output_like``."""
+    bsz, heads, seq, _ = q.shape
+    return v.new_empty(bsz, seq, heads, v.shape[-1]).transpose(1, 2)
+
+
+def is_general(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> bool:
+    """Whether a call needs the general kernels (anything but MUSE's unmasked self-attention)."""
+    return attn_mask is not None or causal or k.shape[1] != q.shape[1] or k.shape[2] != q.shape[2]
+
+
+@dataclass(frozen=True)
+class GeneralArgs:
+    """The general path's kernel arguments (``GENERAL`` in the kernels' docstring)."""
+
+    enabled: bool
+    n_keys: int
+    kv_group: int
+    causal_offset: int
+    mask: torch.Tensor | None
+    mask_kind: str
+    mask_strides: tuple[int, int, int, int]
+
+
+def general_args(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 causal: bool = False) -> GeneralArgs:
+    """``attn_mask`` broadcastable to (B, H, N_q, N_k), bool (True = attend) or floating (additive)."""
+    bsz, heads, seq, _ = q.shape
+    n_keys = k.shape[2]
+    if not is_general(q, k, attn_mask, causal):
+        return GeneralArgs(False, n_keys, 1, n_keys, None, "none", (0, 0, 0, 0))
+    mask, kind = None, "none"
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            # Same bytes, a pointer type the kernels load without Triton's i1 handling.
+            mask, kind = attn_mask.view(torch.uint8), "bool"
+        else:
+            # One compiled variant for every float mask; transformers passes bool masks (see
+            # muse_kernels.integrations.transformers), so only users' own float masks are converted.
+            mask, kind = attn_mask.to(torch.float32), "additive"
+        # Broadcast dims get stride 0: a (B, 1, N_q, N_k) mask is read once per head, never copied.
+        mask = mask.expand(bsz, heads, seq, n_keys)
+    # Bottom-right aligned causal mask: query i sees key j iff j ≤ i + (N_k − N_q); N_k: every key.
+    causal_offset = n_keys - seq if causal else n_keys
+    strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
+    return GeneralArgs(True, n_keys, heads // k.shape[1], causal_offset, mask, kind, strides)
+
+
 def synergistic_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float,
     map_mode: str = "none", attn_dtype: torch.dtype = torch.float32, teacher: torch.Tensor | None = None,
+    *, attn_mask: torch.Tensor | None = None, causal: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Returns (out, attn, lse2, row_kl).
 
     ``out`` is None without ``v`` (only the LSE and the loss are wanted); ``attn`` is None when
     ``map_mode == "none"``; ``row_kl`` (B, H, N) holds KL(teacher row ‖ A row) when a teacher
-    ((B, N, N) shared by the heads, or (B, H, N, N)) is given, else None.
+    ((B, N, N) shared by the heads, or (B, H, N, N)) is given, else None. q is (B, H, N_q, D); k, v
+    are (B, H_kv, N_k, D) with H a multiple of H_kv; ``attn_mask`` and ``causal`` as in
+    ``general_args`` (the general path takes no teacher).
     """
     bsz, heads, seq, dim = q.shape
-    out = None if v is None else new_output_like(v)
+    gen = general_args(q, k, attn_mask, causal)
+    out = None if v is None else (new_output(q, v) if gen.enabled else new_output_like(v))
     lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
     row_kl = None if teacher is None else torch.empty_like(lse)
     precision = _input_precision(q.dtype)
     qk_scale_log2 = scale * LOG2E
+    mask = lse if gen.mask is None else gen.mask
+    general_scalars = (gen.n_keys, gen.kv_group, gen.causal_offset)
 
     cfg = fwd_config(dim, q.dtype)
     grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
     # Absent tensors are passed as lse, a valid pointer the kernel never dereferences for them.
     _synergistic_attention_fwd_kernel[grid](
         q, k, lse if v is None else v, lse if out is None else out, lse,
-        lse if teacher is None else teacher, lse if row_kl is None else row_kl,
+        lse if teacher is None else teacher, lse if row_kl is None else row_kl, mask,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(k if v is None else v),
-        *_bhn_strides(k if out is None else out), *_map_strides(teacher),
-        heads, seq, qk_scale_log2,
+        *_bhn_strides(k if out is None else out), *_map_strides(teacher), *gen.mask_strides,
+        heads, seq, *general_scalars, qk_scale_log2,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_V=v is not None,
-        TEACHER=teacher is not None, INPUT_PRECISION=precision,
+        TEACHER=teacher is not None, INPUT_PRECISION=precision, GENERAL=gen.enabled, MASK=gen.mask_kind,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     if map_mode == "none":
         return out, None, lse, row_kl
     head_mean = map_mode == "head_mean"
-    map_shape = (bsz, seq, seq) if head_mean else (bsz, heads, seq, seq)
+    n_keys = gen.n_keys
+    map_shape = (bsz, seq, n_keys) if head_mean else (bsz, heads, seq, n_keys)
     attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
     cfg = maps_config(dim, q.dtype)
     num_maps = bsz if head_mean else bsz * heads
-    grid = (num_maps * triton.cdiv(seq, cfg.block_m) * triton.cdiv(seq, cfg.block_n),)
+    grid = (num_maps * triton.cdiv(seq, cfg.block_m) * triton.cdiv(n_keys, cfg.block_n),)
     _synergistic_attention_maps_kernel[grid](
-        q, k, lse, attn,
-        *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn),
-        heads, seq, qk_scale_log2,
+        q, k, lse, attn, mask,
+        *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn), *gen.mask_strides,
+        heads, seq, *general_scalars, qk_scale_log2,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_MEAN=head_mean,
-        INPUT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INPUT_PRECISION=precision, GENERAL=gen.enabled, MASK=gen.mask_kind,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, attn, lse, row_kl
 
@@ -463,15 +666,28 @@ def synergistic_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
     scale: float, shield: bool = True,
     teacher: torch.Tensor | None = None, kl_grad: torch.Tensor | None = None, kl_scale: float = 0.0,
+    *, attn_mask: torch.Tensor | None = None, causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv) of the attention outputs and, optionally, of a per-head KL term.
 
     ``grad_attn`` is (B, H, N, N) for per-head maps or (B, N, N) for head-mean maps (each head then
     receives 1/H of it). With ``teacher``, the per-head KL's gradient ``kl_grad · kl_scale ·
     (rowsum(t)·A − t)`` (``kl_grad`` a 0-dim tensor, read on the device: no host sync) is added to
-    the logits' gradient. dv is None without ``v``, zero when ``grad_out`` is None.
+    the logits' gradient. dv is None without ``v``, zero when ``grad_out`` is None. The general path
+    (``attn_mask``, ``causal``, GQA, N_q ≠ N_k) is unshielded and takes no teacher.
     """
     bsz, heads, seq, dim = q.shape
+    gen = general_args(q, k, attn_mask, causal)
+    if gen.enabled:
+        if shield or teacher is not None:
+            raise ValueError("the general attention path (mask, causal, GQA, N_q != N_k) has ordinary gradients "
+                             "only: shield must be False and no teacher given")
+        # The general kernels are compiled for these two cases only (muse_kernels.aot): an output
+        # gradient, and fp32 map gradients.
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_attn is not None and grad_attn.dtype != torch.float32:
+            grad_attn = grad_attn.float()
     out_to_qk = grad_out is not None and not shield
     has_dattn = grad_attn is not None
     has_teacher = teacher is not None
@@ -491,30 +707,31 @@ def synergistic_attention_backward(
     v_ = k if v is None else v
     do_strides = (0, 0, 0, 0) if grad_out is None else (*_bhn_strides(grad_out), grad_out.stride(3))
     common = dict(
-        H=heads, N=seq, qk_scale_log2=scale * LOG2E, sm_scale=scale,
+        H=heads, N=seq, N_K=gen.n_keys, kv_group=gen.kv_group, causal_offset=gen.causal_offset,
+        qk_scale_log2=scale * LOG2E, sm_scale=scale,
         attn_grad_weight=1.0 / heads if grad_attn is not None and grad_attn.dim() == 3 else 1.0,
         kl_scale=kl_scale,
     )
     cfg = bwd_config(dim, q.dtype)
     flags = dict(HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, OUT_TO_QK=out_to_qk,
                  HAS_DATTN=has_dattn, TEACHER=has_teacher, INPUT_PRECISION=_input_precision(q.dtype),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 GENERAL=gen.enabled, MASK=gen.mask_kind, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if compute_dqk:
         grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
         _synergistic_attention_bwd_dq_kernel[grid](
             q, k, v_, ptr(out), ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum),
-            ptr(kl_grad), lse, delta, dq,
+            ptr(kl_grad), lse, delta, dq, ptr(gen.mask),
             *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v_), *_bhn_strides(k if out is None else out),
             *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
-            *_bhn_strides(dq), **common, **flags,
+            *_bhn_strides(dq), *gen.mask_strides, **common, **flags,
         )
-    grid = (bsz * heads * triton.cdiv(seq, cfg.block_n),)
+    grid = (bsz * k.shape[1] * triton.cdiv(gen.n_keys, cfg.block_n),)
     _synergistic_attention_bwd_dkdv_kernel[grid](
         q, k, v_, ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum), ptr(kl_grad),
-        lse, delta, dk, delta if dv is None else dv,
+        lse, delta, dk, delta if dv is None else dv, ptr(gen.mask),
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v_),
         *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
-        *_bhn_strides(dk), *_bhn_strides(k if dv is None else dv),
+        *_bhn_strides(dk), *_bhn_strides(k if dv is None else dv), *gen.mask_strides,
         **common, **flags, COMPUTE_DK=compute_dqk, COMPUTE_DV=compute_dv,
     )
     return dq, dk, dv
@@ -526,65 +743,77 @@ def synergistic_attention_backward(
 # The CUDA C++ backend registers its launchers through the same function.
 
 
-def register_attention_ops(name: str, forward, backward):
+def register_attention_ops(name: str, forward, backward, general: bool = False):
     """Custom ops ``muse_kernels::<name>_fwd`` / ``_bwd`` around launchers with the signatures
     ``forward(q, k, v, scale, map_mode, attn_dtype) → (out, attn or None, lse)`` and
     ``backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield) → (dq, dk, dv)``; returns
-    ``(q, k, v, scale, return_attn, attn_dtype, shield) → (out, attn or None)``."""
+    ``(q, k, v, scale, return_attn, attn_dtype, shield, attn_mask=None, causal=False) → (out, attn or None)``.
+    With ``general``, both launchers also take ``attn_mask`` and ``causal`` keywords (the general path:
+    masks, causal, GQA, N_q ≠ N_k); backends without it refuse those calls."""
+
+    def general_kwargs(attn_mask, causal):
+        # Launchers without the general path keep their MUSE-only signatures.
+        return {} if attn_mask is None and not causal else {"attn_mask": attn_mask, "causal": causal}
 
     @torch.library.custom_op(f"muse_kernels::{name}_fwd", mutates_args=())
     def fwd_op(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+        scale: float, map_mode: str, attn_dtype: torch.dtype, shield: bool, causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype)
+        out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype, **general_kwargs(attn_mask, causal))
         # Custom ops cannot return None: "no maps" is an empty tensor.
         return out, q.new_empty(0, dtype=attn_dtype) if attn is None else attn, lse
 
     @fwd_op.register_fake
-    def _(q, k, v, scale, map_mode, attn_dtype, shield):
+    def _(q, k, v, attn_mask, scale, map_mode, attn_dtype, shield, causal):
         bsz, heads, seq, _ = q.shape
+        n_keys = k.shape[2]
         if map_mode == "none":
             attn = q.new_empty(0, dtype=attn_dtype)
         elif map_mode == "head_mean":
-            attn = q.new_empty(bsz, seq, seq, dtype=attn_dtype)
+            attn = q.new_empty(bsz, seq, n_keys, dtype=attn_dtype)
         else:
-            attn = q.new_empty(bsz, heads, seq, seq, dtype=attn_dtype)
-        return new_output_like(v), attn, q.new_empty(bsz, heads, seq, dtype=torch.float32)
+            attn = q.new_empty(bsz, heads, seq, n_keys, dtype=attn_dtype)
+        return new_output(q, v), attn, q.new_empty(bsz, heads, seq, dtype=torch.float32)
 
     @torch.library.custom_op(f"muse_kernels::{name}_bwd", mutates_args=())
     def bwd_op(
         grad_out: torch.Tensor | None, grad_attn: torch.Tensor | None,
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        scale: float, shield: bool,
+        attn_mask: torch.Tensor | None, scale: float, shield: bool, causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield))
+        return tuple(backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield,
+                              **general_kwargs(attn_mask, causal)))
 
     @bwd_op.register_fake
-    def _(grad_out, grad_attn, q, k, v, out, lse, scale, shield):
+    def _(grad_out, grad_attn, q, k, v, out, lse, attn_mask, scale, shield, causal):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, map_mode, _attn_dtype, shield = inputs
+        q, k, v, attn_mask, scale, map_mode, _attn_dtype, shield, causal = inputs
         out, _attn, lse = output
         # Unused outputs arrive as None: "maps unused" is then known exactly, not guessed from zeros.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.map_mode, ctx.shield = scale, map_mode, shield
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.scale, ctx.map_mode, ctx.shield, ctx.causal = scale, map_mode, shield, causal
 
     def gradients(ctx, grad_out, grad_attn, run_backward):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
         if ctx.map_mode == "none":
             grad_attn = None
-        dq, dk, dv = run_backward(grad_out, grad_attn, q, k, v, out, lse, ctx.scale, ctx.shield)
+        dq, dk, dv = run_backward(grad_out, grad_attn, q, k, v, out, lse, attn_mask, ctx.scale, ctx.shield,
+                                  ctx.causal)
         if ctx.shield and grad_attn is None:
             # Nothing reaches q and k: no gradient, as through the reference's detached maps, rather
             # than zeros, so that autograd prunes their whole branch (RoPE, norms, projections).
             dq = dk = None
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
     def backward_formula(ctx, grad_out, grad_attn, _grad_lse):
         return gradients(ctx, grad_out, grad_attn, bwd_op)
+
+    def eager_backward(grad_out, grad_attn, q, k, v, out, lse, attn_mask, scale, shield, causal):
+        return backward(grad_out, grad_attn, q, k, v, out, lse, scale, shield, **general_kwargs(attn_mask, causal))
 
     fwd_op.register_autograd(backward_formula, setup_context=setup_context)
 
@@ -595,24 +824,28 @@ def register_attention_ops(name: str, forward, backward):
         calls on plain tensors come here; torch.compile, fake and subclass tensors get the ops."""
 
         @staticmethod
-        def forward(ctx, q, k, v, scale, map_mode, attn_dtype, shield):
-            out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype)
-            setup_context(ctx, (q, k, v, scale, map_mode, attn_dtype, shield), (out, attn, lse))
+        def forward(ctx, q, k, v, attn_mask, scale, map_mode, attn_dtype, shield, causal):
+            out, attn, lse = forward(q, k, v, scale, map_mode, attn_dtype, **general_kwargs(attn_mask, causal))
+            setup_context(ctx, (q, k, v, attn_mask, scale, map_mode, attn_dtype, shield, causal), (out, attn, lse))
             return out, attn
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out, grad_attn):
-            return gradients(ctx, grad_out, grad_attn, backward)
+            return gradients(ctx, grad_out, grad_attn, eager_backward)
 
     def attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: float, return_attn: str | None, attn_dtype: torch.dtype, shield: bool,
+        attn_mask: torch.Tensor | None = None, causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not general and is_general(q, k, attn_mask, causal):
+            raise ValueError(f"the {name} backend supports only self-attention without masks (MUSE): no "
+                             "attn_mask, causal, grouped-query heads or N_q != N_k; use backend='triton'")
         map_mode = "none" if return_attn is None else return_attn
-        if use_eager_path(q, k, v):
-            return EagerAttention.apply(q, k, v, float(scale), map_mode, attn_dtype, shield)
-        out, attn, _lse = fwd_op(q, k, v, float(scale), map_mode, attn_dtype, shield)
+        if use_eager_path(q, k, v, attn_mask):
+            return EagerAttention.apply(q, k, v, attn_mask, float(scale), map_mode, attn_dtype, shield, causal)
+        out, attn, _lse = fwd_op(q, k, v, attn_mask, float(scale), map_mode, attn_dtype, shield, causal)
         return out, (None if return_attn is None else attn)
 
     return attention
@@ -627,6 +860,8 @@ def use_eager_path(*tensors: torch.Tensor | None) -> bool:
 
 synergistic_attention_triton = register_attention_ops(
     "synergistic_attention",
-    lambda q, k, v, scale, map_mode, attn_dtype: synergistic_attention_forward(q, k, v, scale, map_mode, attn_dtype)[:3],
+    lambda q, k, v, scale, map_mode, attn_dtype, **general: synergistic_attention_forward(
+        q, k, v, scale, map_mode, attn_dtype, **general)[:3],
     synergistic_attention_backward,
+    general=True,
 )

@@ -210,7 +210,9 @@ def _qkv(shape=(1, 2, 8, 16), dtype=torch.float32):
 
 @pytest.mark.parametrize("make_args,kwargs,exc,match", [
     (lambda: (torch.randn(2, 8, 16), *_qkv()[1:]), {}, ValueError, "q must be 4-D"),
-    (lambda: (_qkv()[0], torch.randn(1, 2, 9, 16), _qkv()[2]), {}, ValueError, "k must have q's shape"),
+    # k, v may have their own length (cross-attention, KV caches), but not different lengths.
+    (lambda: (_qkv()[0], torch.randn(1, 2, 9, 16), _qkv()[2]), {}, ValueError, "v must have k's shape"),
+    (lambda: (_qkv()[0], *_qkv((1, 2, 8, 32))[1:]), {}, ValueError, "k, v must have q's batch size and head_dim"),
     (lambda: (*_qkv()[:2], torch.randn(1, 2, 8, 16, dtype=torch.float16)), {}, TypeError, "v must have q's dtype"),
     (lambda: _qkv(dtype=torch.float64), {"backend": "triton"}, TypeError, "q must be float32, float16 or bfloat16"),
     (lambda: _qkv(dtype=torch.int32), {}, TypeError, "q must be float32, float16 or bfloat16"),
