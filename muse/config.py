@@ -63,6 +63,7 @@ class EncoderConfig:
 
     def __post_init__(self):
         _check_source("model.encoder", self.pretrained, self.random_init)
+        _require("model.encoder", self, positive=("image_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"))
 
 
 @dataclass
@@ -91,6 +92,8 @@ class TeacherConfig:
         if self.kind not in ("dinov3", "structural"):
             raise ValueError(f"model.teacher.kind must be 'dinov3' or 'structural', got {self.kind!r}")
         _check_source("model.teacher", self.pretrained, self.random_init)
+        _require("model.teacher", self, positive=("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size", "colour_sigma", "texture_sigma", "distance_sigma"),
+                 non_negative=("num_register_tokens",))
 
 
 @dataclass
@@ -111,6 +114,8 @@ class DecoderConfig:
 
     def __post_init__(self):
         _check_source("model.decoder", self.pretrained, self.random_init)
+        _require("model.decoder", self, positive=("latent_channels", "block_out_channels", "attention_head_dim"),
+                 non_negative=("layers_per_block",))
 
 
 @dataclass
@@ -133,6 +138,8 @@ class TextConfig:
 
     def __post_init__(self):
         _check_source("model.text", self.pretrained, self.random_init)
+        _require("model.text", self, positive=("max_length", "embed_dim", "hidden_size", "num_layers", "num_heads",
+                                               "vocab_size"))
 
 
 @dataclass
@@ -163,6 +170,8 @@ class ModelConfig:
             raise ValueError(f"model.supervise must be 'last' or 'all', got {self.supervise!r}")
         if self.topo_reduction not in ("head_mean", "per_head"):
             raise ValueError(f"model.topo_reduction must be 'head_mean' or 'per_head', got {self.topo_reduction!r}")
+        _require("model", self, positive=("image_size", "dim", "num_heads", "num_blocks", "latent_channels"),
+                 non_negative=("grad_scale",))
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
         if self.teacher_layout not in ("ours", "official"):
@@ -224,6 +233,13 @@ class OptimConfig:
     disc_end_lr: float | None = None
     disc_grad_clip: float | None = None
 
+    def __post_init__(self):
+        _require("optim", self, positive=("lr", "grad_clip", "disc_lr", "disc_grad_clip"),
+                 non_negative=("end_lr", "warmup_steps", "weight_decay", "backbone_lr_scale", "disc_weight_decay",
+                               "disc_warmup_steps", "disc_end_lr"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+
 
 @dataclass
 class LossWeights:
@@ -265,6 +281,12 @@ class LossConfig(LossWeights):
     disc_pool_size: int = 16
     disc_init: str | None = None
 
+    def __post_init__(self):
+        _require("loss", self, positive=("convnext_resolution", "disc_channels", "disc_stages", "disc_blur_kernel_size",
+                                         "disc_pool_size"),
+                 non_negative=("reconstruction", "perceptual", "topology", "itc", "gan", "lecam", "disc_start",
+                               "disc_factor", "lpips_weight", "convnext_weight"))
+
 
 @dataclass
 class TrainConfig:
@@ -294,6 +316,10 @@ class TrainConfig:
             raise ValueError(f"train.stage must be 1, 2 or 3, got {self.stage}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        _require("train", self, positive=("steps", "log_every", "ckpt_every"),
+                 non_negative=("keep_last", "max_bad_steps", "image_every", "ortho_every"))
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
 
 
 @dataclass
@@ -385,14 +411,26 @@ def _build(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def _set_path(data: dict, dotted: str, value: str) -> None:
+def _set_path(data: dict, item: str) -> None:
+    """Apply one ``key.sub=value`` override (the value read as YAML: numbers, lists, null)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    dotted, value = (part.strip() for part in item.split("=", 1))
     keys = dotted.split(".")
+    if not all(keys):
+        raise ValueError(f"override {item!r} has no key" if not dotted else
+                         f"override {item!r}: {dotted!r} is not a key.sub path")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError:
+        raise ValueError(f"override {item!r} : {value!r} is not valid YAML (quote strings that contain "
+                         "brackets, colons or commas)") from None
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+            raise ValueError(f"override {item!r}: {key} is not a section")
+    node[keys[-1]] = parsed
 
 
 def shipped_configs() -> list[str]:
@@ -406,23 +444,43 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _resolve(name_or_path: str) -> Path:
+def _resolve(name_or_path: str, folder: Path | None = None) -> Path:
+    """A shipped config name (no suffix) or a YAML path; a relative path in an ``inherit:`` is read
+    next to the file that names it (``folder``), as a relative path on the command line is from the
+    current folder."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"a config must be a shipped name or a YAML path, got {name_or_path!r}")
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
+    elif folder is not None and not path.is_absolute():
+        path = folder / path
     if not path.exists():
-        raise FileNotFoundError(f"no config {name_or_path!r}; shipped configs: {', '.join(shipped_configs())}")
+        where = f" (read next to {folder})" if folder is not None and Path(name_or_path).suffix else ""
+        raise FileNotFoundError(f"no config {str(name_or_path)!r}{where}; shipped configs: "
+                                f"{', '.join(shipped_configs())}")
     return path
 
 
-def _read(name_or_path: str, seen: tuple = ()) -> dict:
+def _read(name_or_path: str, seen: tuple = (), folder: Path | None = None) -> dict:
     """A YAML file; an ``inherit: <name or path>`` key merges it over that config."""
-    path = _resolve(name_or_path)
-    if path in seen:
+    path = _resolve(name_or_path, folder)
+    if path.resolve() in seen:
         raise ValueError(f"config inheritance loops through {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{path}: invalid YAML{at}: {problem}") from None
+    if data is None:
+        raise ValueError(f"{path} is empty: a config needs at least one section (or an inherit: line)")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections (model:, data:, ...), got a "
+                         f"{type(data).__name__}")
     parent = data.pop("inherit", None)
-    return _merge(_read(parent, (*seen, path)), data) if parent else data
+    return _merge(_read(parent, (*seen, path.resolve()), path.parent), data) if parent else data
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None,
@@ -431,12 +489,12 @@ def load_config(name_or_path: str, overrides: list[str] | None = None,
     ``key.sub=value`` overrides. A checkpoint path naming an unset ``${VAR}`` is an error — in every
     section, or only in ``env_sections`` (``("model",)`` for tools that never train: the loss's
     perceptual weights are then not needed)."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'key.sub=value' strings, got the string {overrides!r} "
+                        f"(write [{overrides!r}])")
     data = _read(name_or_path)
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, value = item.split("=", 1)
-        _set_path(data, key.strip(), value)
+        _set_path(data, item)
     token = _ENV_SECTIONS.set(env_sections)
     try:
         return _build(Config, data)
