@@ -89,10 +89,20 @@ def _backend_for(query: torch.Tensor) -> str:
     return "triton" if _backend == "auto" else _backend
 
 
-def _wants_output_attentions(module: torch.nn.Module, kwargs: dict) -> bool:
-    if "output_attentions" in kwargs:
-        return bool(kwargs["output_attentions"])
-    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+def _records_attentions() -> bool:
+    """Whether the running model's ``output_attentions`` recorder is collecting attention weights: the
+    ground truth, also for models that do not pass ``output_attentions`` down to their layers
+    (InternVL's vision tower does not)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without the recorder: only the flags below tell
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _wants_output_attentions(kwargs: dict) -> bool:
+    return bool(kwargs.get("output_attentions")) or _records_attentions()
 
 
 def muse_attention_forward(
@@ -127,7 +137,7 @@ def muse_attention_forward(
         dropped_keys = k_len - q_len
         key, value = key[:, :, :q_len], value[:, :, :q_len]
 
-    per_head = _wants_output_attentions(module, kwargs)
+    per_head = _wants_output_attentions(kwargs)
     captures = active_requests(module)
     return_attn = None
     if per_head or any(kind == "per_head" for _, kind, _ in captures):
