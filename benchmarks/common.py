@@ -69,6 +69,18 @@ def _time_cuda(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> tuple[f
     return median, p20, p80
 
 
+def sample_quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of measured times by linear interpolation between the sorted samples (the
+    "inclusive" method): each lies between the fastest and the slowest sample. The default "exclusive"
+    method extrapolates beyond them for few samples (2 timings gave a negative p20)."""
+    if not samples:
+        raise ValueError("no timing samples")
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), deciles[1], deciles[7]
+
+
 def _time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, float, float]:
     fn()
     samples = []
@@ -76,8 +88,7 @@ def _time_cpu(fn: Callable[[], object], reps: int) -> tuple[float, float, float]
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    qs = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
-    return statistics.median(samples), qs[1], qs[7]
+    return sample_quantiles(samples)
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:

@@ -54,9 +54,12 @@ def _interrupt(signum, frame):
 
 
 def default_out_dir(info: dict) -> str:
+    """``bench_results/<device>`` in the current folder: never inside the package's committed
+    ``benchmarks/results`` (curated runs are copied there on purpose), and git-ignored when run from
+    the repository root."""
     name = info.get("gpu") or "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", slug)
+    return os.path.join(os.getcwd(), "bench_results", slug)
 
 
 def main(argv=None) -> int:
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", help="subset of providers (default: all of each op)")
     parser.add_argument("--variants", nargs="+", help="subset of variants (default: all of each op)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    parser.add_argument("--out", help="output folder (default: benchmarks/results/<gpu>)")
+    parser.add_argument("--out", help="output folder (default: ./bench_results/<gpu>, git-ignored)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the harness, not speed")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time CUDA graph replays of each step: the device's time without host overhead")

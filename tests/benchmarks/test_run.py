@@ -132,3 +132,34 @@ def test_gpu_only_tools_exit_with_a_message_without_a_gpu(module, caplog):
 
     assert importlib.import_module(module).main([]) == 2
     assert "no CUDA device" in caplog.text
+
+
+def test_cpu_percentiles_stay_within_the_measured_samples(monkeypatch):
+    from benchmarks import common
+
+    # Two timings, 1 ms and 10 ms: the "exclusive" quantiles used to give p20 = -2.6 ms.
+    clock = iter([0.0, 0.001, 1.0, 1.010])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    median, p20, p80 = common._time_cpu(lambda: None, reps=2)
+    assert 1.0 - 1e-9 <= p20 <= median <= p80 <= 10.0 + 1e-9
+    assert (median, p20, p80) == pytest.approx((5.5, 2.8, 8.2))
+    assert common.sample_quantiles([3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_the_default_output_folder_is_outside_the_source_tree_or_git_ignored(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import benchmarks
+    from benchmarks.run import default_out_dir
+
+    package = os.path.dirname(os.path.abspath(benchmarks.__file__))
+    monkeypatch.chdir(tmp_path)
+    assert default_out_dir({"gpu": None}) == str(tmp_path / "bench_results" / "cpu")
+    # Run from the repository root, it lands in an ignored folder: `git status` stays clean.
+    root = os.path.dirname(package)
+    monkeypatch.chdir(root)
+    out = default_out_dir({"gpu": "NVIDIA H100 80GB HBM3"})
+    assert not out.startswith(package + os.sep)
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.relpath(out, root)], cwd=root)
+    assert ignored.returncode == 0, f"{out} is not git-ignored"
