@@ -8,20 +8,40 @@ from torch import nn
 from muse_kernels.functional import synergistic_attention
 
 
-def apply_rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """1-D rotary embedding over the token index of ``x`` (B, N, H, D), rotate-half layout.
+ROTARY_LAYOUTS = {"BNHD": 1, "BHND": 2}  # the token axis of each layout
+
+
+def apply_rotary(x: torch.Tensor, base: float = 10000.0, *, layout: str | None = None) -> torch.Tensor:
+    """1-D rotary embedding over the token index of ``x``, rotate-half layout.
+
+    ``layout`` names where the tokens are, and must be given: ``"BNHD"`` (batch, tokens, heads, head
+    dim: the linears' output split into heads) or ``"BHND"`` (the attention kernels' layout). Both
+    are 4-D with the same kind of sizes, so a guessed layout would silently rotate across heads.
 
     The tables are computed per call in fp32 (fp64 for fp64 input) from the positions: they cost
     N·D/2 trig ops, follow the input's device with no buffer to move, and never lose precision to a
     module-wide ``.half()``.
     """
-    seq, dim = x.shape[1], x.shape[-1]
+    if layout not in ROTARY_LAYOUTS:
+        raise ValueError(f"apply_rotary needs layout='BNHD' (batch, tokens, heads, head_dim) or 'BHND' (batch, "
+                         f"heads, tokens, head_dim), got layout={layout!r}: a 4-D tensor's layout cannot be "
+                         "told from its shape")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"apply_rotary: x must be a 4-D floating-point tensor ({layout}), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"apply_rotary: the head dim (x.shape[-1]) must be even, got {x.shape[-1]}")
+    token_axis = ROTARY_LAYOUTS[layout]
+    seq, dim = x.shape[token_axis], x.shape[-1]
     half = dim // 2
     dtype = torch.promote_types(x.dtype, torch.float32)
     inv_freq = base ** (-torch.arange(0, half, device=x.device, dtype=dtype) / half)
     angles = torch.arange(seq, device=x.device, dtype=dtype)[:, None] * inv_freq[None, :]
-    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[None, :, None, :]
-    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[None, :, None, :]
+    # (N, D) tables, broadcast over the batch and head axes.
+    shape = [1, 1, 1, dim]
+    shape[token_axis] = seq
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1).view(shape)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1).view(shape)
     xf = x.to(dtype)
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
@@ -73,7 +93,7 @@ class SynergisticAttention(nn.Module):
         k = self.k_norm(self.k_topo(x).view(bsz, seq, heads, head_dim))
         v = self.v_sem(x).view(bsz, seq, heads, head_dim)
         if self.rope:
-            q, k = apply_rotary(q, self.rope_base), apply_rotary(k, self.rope_base)
+            q, k = apply_rotary(q, self.rope_base, layout="BNHD"), apply_rotary(k, self.rope_base, layout="BNHD")
         out, extra = synergistic_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            return_attn=return_attn, backend=self.backend, teacher=teacher,
                                            shield=self.shield, kl_reduction=kl_reduction,

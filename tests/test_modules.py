@@ -62,17 +62,33 @@ def test_rotary_matches_complex_rotation():
     theta = 100.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
     z = torch.complex(x[..., :4], x[..., 4:]) * torch.exp(1j * pos * theta)
     expected = torch.cat((z.real, z.imag), dim=-1)
-    torch.testing.assert_close(apply_rotary(x.float(), base=100.0).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(apply_rotary(x.float(), base=100.0, layout="BNHD").double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16).expand(1, 12, 1, 16), torch.randn(1, 1, 1, 16).expand(1, 12, 1, 16)
-    rq, rk = apply_rotary(q.double()), apply_rotary(k.double())
+    rq, rk = apply_rotary(q.double(), layout="BNHD"), apply_rotary(k.double(), layout="BNHD")
     scores = torch.einsum("bmhd,bnhd->mn", rq, rk)
     # The tables are fp32 by design, so fp32 tolerances.
     torch.testing.assert_close(scores[3, 1], scores[9, 7], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores[0, 5], scores[6, 11], rtol=1e-5, atol=1e-5)
     assert not torch.isclose(scores[3, 1], scores[3, 2])
+
+
+def test_rotary_takes_its_layout_by_name_and_rotates_over_the_tokens():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)  # (B, H, N, D): 3 heads, 7 tokens
+    # Without a name the layout used to be taken as (B, N, H, D): this tensor was rotated across its heads.
+    with pytest.raises(ValueError, match=r"apply_rotary needs layout='BNHD' .* or 'BHND'"):
+        apply_rotary(x)
+    with pytest.raises(ValueError, match="layout='BHDN'"):
+        apply_rotary(x, layout="BHDN")
+    by_tokens = apply_rotary(x.transpose(1, 2), layout="BNHD").transpose(1, 2)
+    torch.testing.assert_close(apply_rotary(x, layout="BHND"), by_tokens)
+    # Token 0 is never rotated, in either layout; every other token is.
+    torch.testing.assert_close(apply_rotary(x, layout="BHND")[:, :, 0], x[:, :, 0])
+    assert not torch.allclose(apply_rotary(x, layout="BHND")[:, :, 1], x[:, :, 1])
+    with pytest.raises(ValueError, match="head dim .* must be even, got 7"):
+        apply_rotary(torch.randn(1, 2, 3, 7), layout="BNHD")
 
 
 def _check_compile_fullgraph(backend, device, dim):
