@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ _GENERAL_BWD_PATHS = ((True, False), (True, True))
 # Mask pointer dtype per mask kind; without a mask the launchers pass an fp32 placeholder.
 _MASK_POINTER = {"none": "fp32", "bool": "u8", "additive": "fp32"}
 _MUSE = (("GENERAL", False), ("MASK", "none"))
+# Arguments only the general path reads: MUSE's specializations (GENERAL=False) must not load them.
+GENERAL_ONLY_ARGS = ("Mask", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "N_K", "kv_group", "causal_offset")
 
 
 def kernel_specs() -> list[KernelSpec]:
@@ -183,8 +186,13 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     shared = compiled.metadata.shared
+    # The kernel parameters the code loads (PTX parameters are the non-constexpr arguments, in order).
+    runtime_args = [name for name in fn.arg_names if name not in constexprs]
+    loaded = {int(i) for i in re.findall(r"_param_(\d+)\]", compiled.asm["ptx"])}
+    read = {runtime_args[i] for i in loaded if i < len(runtime_args)}
     return {"spec": spec.label(), "arch": arch, "shared_bytes": shared,
-            "limit_bytes": SHARED_MEMORY_LIMIT[arch], "fits": shared <= SHARED_MEMORY_LIMIT[arch]}
+            "limit_bytes": SHARED_MEMORY_LIMIT[arch], "fits": shared <= SHARED_MEMORY_LIMIT[arch],
+            "general_args_read": sorted(read & set(GENERAL_ONLY_ARGS))}
 
 
 def _compile_job(args):

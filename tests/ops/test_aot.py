@@ -42,3 +42,15 @@ def test_shared_memory_fits_the_device_limit(aot_results):
     assert not over, f"over the shared-memory limit: {over[:3]}"
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(r["shared_bytes"] > 0 for r in results if "fwd" in r["spec"])
+
+
+def test_muse_specializations_compile_the_general_path_out(aot_results):
+    """GENERAL=False (MUSE: self-attention, no mask) never loads the general path's arguments, so the
+    masks, causal, GQA and N_q != N_k features cost it nothing; the general kernels do read them."""
+    _, results = aot_results
+    muse = [r for r in results if "GENERAL=False" in r["spec"]]
+    general = [r for r in results if "GENERAL=True" in r["spec"]]
+    assert muse and general
+    assert all(r["general_args_read"] == [] for r in muse), [r["spec"] for r in muse if r["general_args_read"]][:3]
+    assert all("N_K" in r["general_args_read"] for r in general)
+    assert all("Mask" in r["general_args_read"] for r in general if "MASK=none" not in r["spec"])
