@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from muse_kernels.interpreter_fixes import apply_interpreter_bf16_fixes, bf16_supported
 from muse_kernels.ops.synergistic_attention import (
     SUPPORTED_HEAD_DIMS,
     is_general,
@@ -21,6 +22,9 @@ from muse_kernels.reference import (
     synergistic_attention_with_kl_reference,
     topology_kl_loss_reference,
 )
+
+if triton_interpreting():
+    apply_interpreter_bf16_fixes()
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 # The compiled backends' (attention, topology KL) ops, with one contract.
@@ -113,6 +117,13 @@ def _check_kernel_inputs(q: torch.Tensor, backend: str, teacher: torch.Tensor | 
         raise TypeError(f"q must be float32, float16 or bfloat16 for backend={backend!r}, got {q.dtype}")
     if teacher is not None and teacher.dtype not in TEACHER_DTYPES:
         raise TypeError(f"teacher must be float32 or bfloat16 for backend={backend!r}, got {teacher.dtype}")
+    bf16 = q.dtype == torch.bfloat16 or (teacher is not None and teacher.dtype == torch.bfloat16)
+    if bf16 and backend == "triton" and triton_interpreting():
+        supported, reason = bf16_supported()
+        if not supported:
+            raise RuntimeError(f"bf16 inputs under the Triton interpreter would give wrong numbers: its bf16 "
+                               f"arithmetic could not be corrected in this triton version ({reason}); use float32 "
+                               "inputs or backend='torch' on the CPU")
     head_dims = CUDA_HEAD_DIMS if backend == "cuda" else SUPPORTED_HEAD_DIMS
     if q.shape[-1] not in head_dims:
         raise ValueError(
