@@ -12,8 +12,12 @@ TOOLS = {"reconstruct": "reconstruct", "recon-metrics": "recon_metrics", "linear
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: muse-eval {{{','.join(TOOLS)}}} [options]  (muse-eval <tool> --help)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage + "\n\ntools:\n" + "\n".join(f"  {name}" for name in TOOLS))
+        return 0
     if not argv or argv[0] not in TOOLS:
-        print(f"usage: muse-eval {{{','.join(TOOLS)}}} [options]  (muse-eval <tool> --help)", file=sys.stderr)
+        print(usage if not argv else f"{usage}\nmuse-eval: unknown tool {argv[0]!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"muse.eval.{TOOLS[argv[0]]}")
     return module.main(argv[1:])
