@@ -1,151 +1,36 @@
-"""MUSE's training losses: reconstruction, perceptual, adversarial (PatchGAN, hinge, LeCam), topology,
-ITC, and one module that weights them and reports every term.
+"""MUSE's training losses as the official ``muse/losses/muse_loss.py``: reconstruction, perceptual
+(LPIPS + ConvNeXt-S logits), adversarial (hinge, LeCam on batch-mean logits), topology, ITC, and one
+module that weights them and reports every term.
+
+Images enter in [-1, 1] (ours; the official loader hands ImageNet-normalized images and maps them
+back). Both the target and the raw decoder output are mapped to [0, 1] and clamped there before any
+term, so pixels the decoder pushes out of range get no gradient, as officially. The terms are computed
+in fp32 with autocast off, as the official loss module is.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from muse.config import LossWeights
+from muse.models.discriminator import OFFICIAL_LECAM_KEYS
 from muse.models.tokenizer import itc_loss
-
-log = logging.getLogger("muse.losses")
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] → [0, 1]: losses are taken on de-normalized pixels."""
-    return (images + 1) / 2
+    """[-1, 1] → [0, 1], clamped: what every official loss term sees."""
+    return ((images.float() + 1) / 2).clamp(0.0, 1.0)
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     if kind not in ("l1", "l2"):
         raise ValueError(f"kind must be 'l1' or 'l2', got {kind!r}")
-    diff = to_unit_range(reconstruction.float()) - to_unit_range(target.float())
+    diff = to_unit_range(reconstruction) - to_unit_range(target)
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
-
-
-# ---------------------------------------------------------------------------------------- perceptual
-
-class FeatureDistance(nn.Module):
-    """Distance between the feature maps of a frozen backbone (a module returning a list of maps).
-
-    ``lpips`` (the LPIPS recipe): unit-normalize every feature vector over channels, squared
-    difference, mean over space, optional per-channel weights (ones by default), summed over layers.
-    ``l1``: mean absolute difference of the raw features, summed over layers (the ConvNeXt loss).
-    Inputs are [-1, 1] images, fed to the backbone ImageNet-normalized.
-    """
-
-    def __init__(self, backbone: nn.Module, mode: str = "lpips", channel_weights: list[torch.Tensor] | None = None):
-        super().__init__()
-        if mode not in ("lpips", "l1"):
-            raise ValueError(f"mode must be 'lpips' or 'l1', got {mode!r}")
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.mode = mode
-        self.channel_weights = nn.ParameterList(
-            [nn.Parameter(w.detach().clone(), requires_grad=False) for w in channel_weights or []])
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.backbone((to_unit_range(images) - self.mean) / self.std)
-
-    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        feats_x = self._features(reconstruction)
-        with torch.no_grad():
-            feats_y = self._features(target)
-        total = reconstruction.new_zeros((), dtype=torch.float32)
-        for index, (fx, fy) in enumerate(zip(feats_x, feats_y)):
-            fx, fy = fx.float(), fy.float()
-            if self.mode == "l1":
-                total = total + (fx - fy).abs().mean()
-                continue
-            diff = (_unit(fx) - _unit(fy)).pow(2)
-            if index < len(self.channel_weights):
-                diff = diff * self.channel_weights[index].view(1, -1, 1, 1)
-            total = total + diff.sum(1).mean()
-        return total
-
-
-def _unit(features: torch.Tensor) -> torch.Tensor:
-    """LPIPS's channel normalization: x / (‖x‖ + 1e-10), zero where a ReLU zeroed every channel."""
-    return features / (features.norm(dim=1, keepdim=True) + 1e-10)
-
-
-def build_backbone(name: str, weights_path: str | None, layers: list[str] | None = None) -> nn.Module:
-    """A feature backbone from its library's constructor, weights from a local file (nothing is downloaded).
-
-    ``torchvision:<model>`` (e.g. ``torchvision:vgg16``, LPIPS's backbone) or ``timm:<model>``
-    (e.g. ``timm:convnext_small``), returning the maps after ``layers`` (timm: its feature stages).
-    """
-    library, _, model_name = name.partition(":")
-    if library not in ("timm", "torchvision"):
-        raise ValueError(f"backbone name must start with 'timm:' or 'torchvision:', got {name!r}")
-    if weights_path and not Path(weights_path).is_file():
-        raise FileNotFoundError(f"{name}: weights file {weights_path!r} does not exist")
-    if not weights_path:
-        log.warning("%s has no weights file: its features are those of a random network", name)
-    if library == "timm":
-        try:
-            import timm
-        except ImportError as err:
-            raise ImportError(f"{name} needs timm (and torchvision): {err}") from None
-        # timm loads the file into the whole classifier (its own key filter, strict) before it keeps
-        # the feature stages: a classification checkpoint's keys do not match the feature wrapper's.
-        return timm.create_model(model_name, pretrained=bool(weights_path), features_only=True,
-                                 pretrained_cfg_overlay={"file": weights_path} if weights_path else None)
-    try:
-        import torchvision
-    except ImportError as err:
-        raise ImportError(f"{name} needs torchvision: {err}") from None
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    if not layers:
-        raise ValueError(f"{name}: pass the layer names whose outputs are the features")
-    base = torchvision.models.get_model(model_name, weights=None)
-    if weights_path:
-        base.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    return _DictToList(create_feature_extractor(base, return_nodes=layers))
-
-
-class _DictToList(nn.Module):
-    def __init__(self, extractor: nn.Module):
-        super().__init__()
-        self.extractor = extractor
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.extractor(x).values())
-
-
-# -------------------------------------------------------------------------------------- adversarial
-
-class PatchGANDiscriminator(nn.Module):
-    """The NLayer PatchGAN discriminator: 4×4 convolutions, stride 2, channel width doubling up to 8×,
-    BatchNorm and LeakyReLU(0.2); one logit per image patch."""
-
-    def __init__(self, in_channels: int = 3, width: int = 64, num_layers: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        channels = width
-        for index in range(1, num_layers + 1):
-            out = width * min(2 ** index, 8)
-            stride = 2 if index < num_layers else 1
-            layers += [nn.Conv2d(channels, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
-            channels = out
-        layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.main(images)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -157,62 +42,79 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 class LeCam(nn.Module):
-    """LeCam regularization: discriminator outputs are pulled toward EMAs of the other side's mean,
-    relu(D(real) − ema_fake)² + relu(ema_real − D(fake))². The EMAs are buffers (checkpointed)."""
+    """LeCam regularization on batch-mean logits, as official: with r, f the batch means of the
+    discriminator's logits on real and reconstructed images, relu(r − ema_fake)² + relu(ema_real − f)².
+    The EMAs (buffers under the official names, checkpointed) start at 0 and follow
+    ema ← decay·ema + (1 − decay)·mean after each discriminator step."""
 
     def __init__(self, decay: float = 0.999):
         super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"lecam decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.register_buffer("ema_real", torch.zeros(()))
-        self.register_buffer("ema_fake", torch.zeros(()))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        for name in OFFICIAL_LECAM_KEYS:
+            self.register_buffer(name, torch.zeros(1))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        real, fake = logits_real.float().mean(), logits_fake.float().mean()
+        return (F.relu(real - self.ema_fake_logits_mean).pow(2).mean()
+                + F.relu(self.ema_real_logits_mean - fake).pow(2).mean())
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
-        real, fake = logits_real.float().mean(), logits_fake.float().mean()
-        if not bool(self.initialized):
-            self.ema_real.copy_(real)
-            self.ema_fake.copy_(fake)
-            self.initialized.fill_(True)
-        else:
-            self.ema_real.lerp_(real, 1 - self.decay)
-            self.ema_fake.lerp_(fake, 1 - self.decay)
-
-    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-        return (F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
-                + F.relu(self.ema_real - logits_fake.float()).pow(2).mean())
+        self.ema_real_logits_mean.mul_(self.decay).add_((1 - self.decay) * logits_real.float().mean())
+        self.ema_fake_logits_mean.mul_(self.decay).add_((1 - self.decay) * logits_fake.float().mean())
 
 
-# --------------------------------------------------------------------------------------------- total
+def _fp32(device: torch.device):
+    # The official loss module runs with autocast disabled: every term in fp32.
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 class MuseLoss(nn.Module):
     """Weighted generator-side total plus every term (detached tensors) for logging.
 
-    ``perceptual``: a list of ``FeatureDistance`` modules (LPIPS-style and ConvNeXt) summed; terms
-    with weight 0 are not computed. The discriminator's own loss is ``discriminator_loss``.
+    ``perceptual``: a ``muse.models.perceptual.PerceptualLoss`` on [0, 1] images (needed when
+    ``weights.perceptual > 0``). ``discriminator``: the official ``NLayerDiscriminator`` (needed for
+    ``gan``/``lecam``). ``disc_factor`` scales both the generator's GAN term and the discriminator's
+    loss (the official ``discriminator_factor``). The discriminator's own loss is ``discriminator_loss``.
     """
 
-    def __init__(self, weights: LossWeights, perceptual: list[FeatureDistance] | None = None,
-                 discriminator: nn.Module | None = None, reconstruction_kind: str = "l2", lecam_decay: float = 0.999):
+    def __init__(self, weights: LossWeights, perceptual: nn.Module | None = None,
+                 discriminator: nn.Module | None = None, reconstruction_kind: str = "l2", lecam_decay: float = 0.999,
+                 disc_factor: float = 1.0):
         super().__init__()
         self.weights = weights
-        self.perceptual = nn.ModuleList(perceptual or [])
+        self.perceptual = perceptual
         self.discriminator = discriminator
         self.lecam = LeCam(lecam_decay)
         self.reconstruction_kind = reconstruction_kind
-        if weights.perceptual and not self.perceptual:
-            raise ValueError("weights.perceptual > 0 needs at least one perceptual FeatureDistance")
+        self.disc_factor = disc_factor
+        if weights.perceptual and not isinstance(perceptual, nn.Module):
+            raise ValueError("weights.perceptual > 0 needs a perceptual loss module")
         if (weights.gan or weights.lecam) and discriminator is None:
             raise ValueError("weights.gan or weights.lecam > 0 needs a discriminator")
 
     def forward(self, output, images: torch.Tensor, text_embeds: torch.Tensor | None = None,
                 adversarial: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``adversarial=False`` leaves the GAN term out (before the discriminator starts)."""
+        """``adversarial=False`` leaves the GAN term out (before ``loss.disc_start``)."""
         w = self.weights
-        terms: dict[str, torch.Tensor] = {"reconstruction": reconstruction_loss(output.reconstruction, images,
-                                                                                  self.reconstruction_kind)}
-        if w.perceptual:
-            terms["perceptual"] = sum(p(output.reconstruction, images) for p in self.perceptual)
+        with _fp32(images.device):
+            reconstruction, target = to_unit_range(output.reconstruction), to_unit_range(images)
+            diff = reconstruction - target
+            terms: dict[str, torch.Tensor] = {
+                "reconstruction": diff.abs().mean() if self.reconstruction_kind == "l1" else diff.pow(2).mean()}
+            if w.perceptual:
+                terms["perceptual"] = self.perceptual(reconstruction, target)
+            if w.gan and adversarial and self.disc_factor:
+                # As officially, the generator's pass leaves the discriminator's weights without gradients.
+                self.discriminator.requires_grad_(False)
+                try:
+                    terms["gan"] = self.disc_factor * hinge_g_loss(self.discriminator(reconstruction))
+                finally:
+                    self.discriminator.requires_grad_(True)
         if w.topology:
             if output.loss_topo is None:
                 raise ValueError("weights.topology > 0 but the model returned no topology loss")
@@ -222,21 +124,23 @@ class MuseLoss(nn.Module):
                 raise ValueError("weights.itc > 0 needs text_embeds")
             terms["itc"] = output.loss_itc if output.loss_itc is not None else itc_loss(
                 output.image_embeds, text_embeds, output.logit_scale)
-        if w.gan and adversarial:
-            terms["gan"] = hinge_g_loss(self.discriminator(output.reconstruction))
         total = sum(getattr(w, name) * value for name, value in terms.items())
         # Detached tensors, not floats: the caller decides when to synchronize for logging.
         return total, {name: value.detach() for name, value in terms.items()} | {"total": total.detach()}
 
     def discriminator_loss(self, reconstruction: torch.Tensor, images: torch.Tensor
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits_real = self.discriminator(images)
-        logits_fake = self.discriminator(reconstruction.detach())
-        loss = hinge_d_loss(logits_real, logits_fake)
-        terms = {"d_hinge": loss.detach()}
-        if self.weights.lecam:
-            reg = self.lecam(logits_real, logits_fake)
-            loss = loss + self.weights.lecam * reg
-            terms["d_lecam"] = reg.detach()
-        self.lecam.update(logits_real, logits_fake)
+        """disc_factor · (hinge + lecam_weight · LeCam), LeCam against the EMAs before this step's update."""
+        with _fp32(images.device):
+            logits_real = self.discriminator(to_unit_range(images))
+            logits_fake = self.discriminator(to_unit_range(reconstruction.detach()))
+            loss = hinge_d_loss(logits_real, logits_fake)
+            terms = {"d_hinge": loss.detach(), "d_logits_real": logits_real.detach().mean(),
+                     "d_logits_fake": logits_fake.detach().mean()}
+            if self.weights.lecam:
+                reg = self.lecam(logits_real, logits_fake)
+                loss = loss + self.weights.lecam * reg
+                terms["d_lecam"] = reg.detach()
+                self.lecam.update(logits_real, logits_fake)
+            loss = self.disc_factor * loss
         return loss, terms | {"d_total": loss.detach()}

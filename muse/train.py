@@ -25,13 +25,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import Config, load_config
 from muse.data import ShardStream, Source, collate, expand_shards, stream_counts
-from muse.losses import FeatureDistance, MuseLoss, PatchGANDiscriminator, build_backbone, reconstruction_loss
+from muse.losses import MuseLoss, reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
+from muse.models.discriminator import NLayerDiscriminator, load_official_discriminator
+from muse.models.perceptual import PerceptualLoss, build_perceptual_loss
 from muse.training.checkpoint import (FROZEN_PREFIXES, latest_checkpoint, load_checkpoint, load_model_weights,
                                       rng_state, save_checkpoint, set_rng_state)
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
-from muse.training.optim import build_optimizer, lr_at, set_lr
+from muse.training.optim import (build_discriminator_optimizer, build_optimizer, discriminator_schedule, lr_at,
+                                 set_lr)
 from muse.training.stages import configure_stage
 
 log = logging.getLogger("muse.train")
@@ -83,17 +86,20 @@ def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, dict],
     return stream, loader
 
 
-def build_perceptual(cfg: Config, device: torch.device) -> list[FeatureDistance]:
-    terms = []
-    if cfg.loss.lpips_backbone:
-        terms.append(FeatureDistance(build_backbone(cfg.loss.lpips_backbone, cfg.loss.lpips_weights,
-                                                    cfg.loss.lpips_layers), mode="lpips"))
-    if cfg.loss.convnext_backbone:
-        terms.append(FeatureDistance(build_backbone(cfg.loss.convnext_backbone, cfg.loss.convnext_weights),
-                                     mode="l1"))
-    if cfg.loss.perceptual and not terms:
-        raise ValueError("loss.perceptual > 0 needs loss.lpips_backbone and/or loss.convnext_backbone")
-    return [t.to(device) for t in terms]
+def build_perceptual(cfg: Config, device: torch.device) -> PerceptualLoss | None:
+    lc = cfg.loss
+    if not lc.perceptual:
+        return None
+    return build_perceptual_loss(lc.vgg16_weights, lc.convnext_weights, lc.lpips_heads, lc.lpips_weight,
+                                 lc.convnext_weight, lc.convnext_resolution).to(device)
+
+
+def build_discriminator(cfg: Config, device: torch.device) -> NLayerDiscriminator | None:
+    lc = cfg.loss
+    if not (lc.gan or lc.lecam):
+        return None
+    return NLayerDiscriminator(hidden_channels=lc.disc_channels, stages=lc.disc_stages, blur=lc.disc_blur,
+                               blur_kernel_size=lc.disc_blur_kernel_size, pool_size=lc.disc_pool_size).to(device)
 
 
 def init_from_previous_stage(model: MuseTokenizer, path: str) -> None:
@@ -160,31 +166,40 @@ def train(cfg: Config, resume: bool = False) -> dict:
         init_from_previous_stage(model, tc.init_weight)
     trainable = configure_stage(model, tc.stage)
     weights = cfg.loss
-    discriminator = PatchGANDiscriminator().to(device) if (weights.gan or weights.lecam) else None
-    loss_fn = MuseLoss(weights, build_perceptual(cfg, device), discriminator, cfg.loss.reconstruction_kind).to(device)
+    discriminator = build_discriminator(cfg, device)
+    loss_fn = MuseLoss(weights, build_perceptual(cfg, device), discriminator, cfg.loss.reconstruction_kind,
+                       cfg.loss.lecam_decay, cfg.loss.disc_factor).to(device)
+    if discriminator is not None and cfg.loss.disc_init:
+        load_official_discriminator(cfg.loss.disc_init, discriminator, loss_fn.lecam)
     text_encoder = ClipTextEncoder(cfg.model.text).to(device) if weights.itc else None
     tokenize = build_tokenizer(cfg.model.text) if weights.itc else None
     oc = cfg.optim
-    optimizer = build_optimizer(model, oc.lr, oc.weight_decay, oc.betas, oc.backbone_lr_scale)
-    disc_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=oc.disc_lr, betas=tuple(oc.betas))
-                      if discriminator is not None else None)
-    ema = EMA(model, tc.ema_decay, skip_prefixes=FROZEN_PREFIXES)
+    optimizer = build_optimizer(model, oc.lr, oc.weight_decay, oc.betas, oc.backbone_lr_scale, oc.no_decay_keywords)
+    disc_optimizer = disc_schedule = None
+    if discriminator is not None:
+        disc_decay = oc.weight_decay if oc.disc_weight_decay is None else oc.disc_weight_decay
+        disc_optimizer = build_discriminator_optimizer(discriminator, oc.disc_lr, disc_decay, oc.betas,
+                                                       oc.no_decay_keywords)
+        disc_schedule = discriminator_schedule(oc, tc.steps, cfg.loss.disc_start)
+    disc_clip = oc.grad_clip if oc.disc_grad_clip is None else oc.disc_grad_clip
+    ema = EMA(model, tc.ema_decay, skip_prefixes=FROZEN_PREFIXES, warmup=tc.ema_warmup)
     torch.manual_seed(tc.seed + rank)
     autocast, use_scaler = autocast_for(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    start, positions, bad_in_row, bad_total = 0, {}, 0, 0
+    start, positions, bad_in_row, bad_total, disc_updates = 0, {}, 0, 0, 0
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, map_location=device)
         load_model_weights(model, state["model"], f"--resume {checkpoint}")
         optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
         scaler.load_state_dict(state["scaler"])
         if discriminator is not None:
             discriminator.load_state_dict(state["discriminator"])
             disc_optimizer.load_state_dict(state["disc_optimizer"])
             loss_fn.lecam.load_state_dict(state["lecam"])
+            disc_updates = state.get("disc_updates", 0)
         start, positions, bad_total = state["step"], state["positions"], state.get("bad_steps", 0)
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", checkpoint, start)
@@ -208,10 +223,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
             return None
         state = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "positions": all_positions, "rng": rng_state(),
-                 "bad_steps": bad_total, "stage": tc.stage}
+                 "bad_steps": bad_total, "stage": tc.stage, "ema_updates": ema.num_updates}
         if discriminator is not None:
             state |= {"discriminator": discriminator.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                      "lecam": loss_fn.lecam.state_dict()}
+                      "lecam": loss_fn.lecam.state_dict(), "disc_updates": disc_updates}
         return save_checkpoint(state, out_dir, step, tc.keep_last)
 
     from tqdm import tqdm
@@ -270,13 +285,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     # The discriminator runs three forwards a step (not DDP's one): average its gradients here.
                     for param in discriminator.parameters():
                         dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
-                    # Its BatchNorm normalizes with each rank's own batch; the running statistics
-                    # (what a checkpoint keeps) are averaged so that every rank holds the same ones.
-                    for buffer in discriminator.buffers():
-                        if buffer.is_floating_point():
-                            dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+                    # LeCam's EMAs follow each rank's batch means: keep the ranks' averages identical.
+                    for buffer in loss_fn.lecam.buffers():
+                        dist.all_reduce(buffer, op=dist.ReduceOp.AVG)
+                torch.nn.utils.clip_grad_norm_(discriminator.parameters(), disc_clip)
+                # Its own schedule, counted in discriminator updates (official).
+                set_lr(disc_optimizer, lr_at(disc_updates, **disc_schedule))
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
+                disc_updates += 1
                 terms |= d_terms
             images_seen += images.shape[0] * world
 

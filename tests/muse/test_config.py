@@ -57,7 +57,7 @@ def test_official_stages_match_the_spec(stage):
     cfg = load_config(f"muse_1b/stage{stage}")
     lr, warmup, end_lr, grad_scale, backbone_scale, weights = OFFICIAL[stage]
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.end_lr) == (lr, warmup, end_lr)
-    assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.grad_clip == 1.0 and cfg.optim.weight_decay == 0.0
+    assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.grad_clip == 1.0 and cfg.optim.weight_decay == 1e-4
     assert cfg.model.grad_scale == grad_scale and cfg.optim.backbone_lr_scale == backbone_scale
     assert {k: getattr(cfg.loss, k) for k in weights} == weights
     assert cfg.train.stage == stage and cfg.train.steps == 50000 and cfg.data.batch_size == 32

@@ -64,8 +64,10 @@ def test_param_groups_no_decay_on_norms_biases_and_logit_scale(tiny_model):
 
 
 def test_warmup_cosine_schedule():
-    assert lr_at(0, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 0.1, 10, 110) == pytest.approx(1.0)
+    # Official warm-up: step / warmup_steps, so the first step runs at LR 0.
+    assert lr_at(0, 1.0, 0.1, 10, 110) == 0.0
+    assert lr_at(9, 1.0, 0.1, 10, 110) == pytest.approx(0.9)
+    assert lr_at(10, 1.0, 0.1, 10, 110) == pytest.approx(1.0)
     assert lr_at(60, 1.0, 0.1, 10, 110) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
     assert lr_at(500, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
@@ -73,7 +75,7 @@ def test_warmup_cosine_schedule():
 
 def test_ema_tracks_and_loads_into_the_model():
     model = nn.Linear(3, 2)
-    ema = EMA(model, decay=0.5)
+    ema = EMA(model, decay=0.5, warmup=False)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
@@ -98,7 +100,7 @@ def _toy_run(steps, directory=None, resume_from=None, stop_at=None):
         state = load_checkpoint(resume_from)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
+        ema.load_state_dict(state["ema"], state["ema_updates"])
         set_rng_state(state["rng"])
         start = state["step"]
     for step in range(start, steps):
@@ -110,7 +112,8 @@ def _toy_run(steps, directory=None, resume_from=None, stop_at=None):
         ema.update(model)
         if directory is not None and stop_at is not None and step + 1 == stop_at:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.state_dict(), "rng": rng_state(), "step": step + 1}, directory, step + 1)
+                             "ema": ema.state_dict(), "ema_updates": ema.num_updates, "rng": rng_state(),
+                             "step": step + 1}, directory, step + 1)
             return None
     return model.state_dict(), ema.state_dict()
 
