@@ -158,6 +158,9 @@ class ModelConfig:
     # The training target's layout: "ours" (rows index queries, renormalized over keys) or "official"
     # (the official Ψ's transposed map, renormalized over queries; reproduces official training).
     teacher_layout: str = "ours"
+    # Images must be floating point in [-1, 1]: checked once per batch (one min/max and a host wait);
+    # off where the data is known to be (a captured CUDA graph, the training pipeline's own batches).
+    check_inputs: bool = True
     logit_scale_init: float = 2.6592
     backend: str = "auto"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

@@ -16,6 +16,7 @@ from torch import nn
 
 from muse.config import ModelConfig
 from muse.models.block import SynergisticBlock
+from muse.models.inputs import check_images, check_model_config
 from muse.models.pretrained import load_dcae_decoder, load_dinov3, load_internvit
 from muse.models.structural_teacher import StructuralTeacher
 from muse_kernels import resize_attention_4d
@@ -186,9 +187,7 @@ class MuseTokenizer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if not isinstance(cfg, ModelConfig):
-            raise TypeError(f"MuseTokenizer takes the model section of the config (cfg.model, a ModelConfig), "
-                            f"got {type(cfg).__name__}")
+        check_model_config(cfg)
         self.cfg = cfg
         self.encoder = build_encoder(cfg)
         enc_dim = self.encoder.config.hidden_size
@@ -252,6 +251,8 @@ class MuseTokenizer(nn.Module):
         if images.shape[-2] < minimum or images.shape[-1] < minimum:
             raise ValueError(f"images must be at least {minimum}x{minimum} (two encoder patches of "
                              f"{self.patch_size} px each way), got {images.shape[-2]}x{images.shape[-1]}")
+        if self.cfg.check_inputs:  # dtype and [-1, 1] range: one min/max per batch
+            check_images(images)
 
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         hidden = self.encoder(pixel_values=normalize_images(images)).last_hidden_state[:, 1:]  # CLS dropped

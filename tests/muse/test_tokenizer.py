@@ -171,3 +171,26 @@ def test_pretrained_components_load_from_local_folders(base_model, tmp_path, ima
 def test_bad_input(base_model, make_input, match):
     with pytest.raises(ValueError, match=match):
         base_model(*make_input())
+
+
+@pytest.mark.parametrize("make_images,error,match", [
+    (lambda: torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), TypeError, r"floating point.*127\.5 - 1"),
+    (lambda: torch.rand(2, 3, 32, 32) * 255, ValueError, r"values in \[-1, 1\].*0\.\.255"),
+    (lambda: torch.full((2, 3, 32, 32), float("nan")), ValueError, "NaN"),
+])
+def test_images_outside_minus_one_one_are_refused_in_every_entry_point(base_model, make_images, error, match):
+    for call in (base_model, base_model.encode, base_model.features):
+        with pytest.raises(error, match=match):
+            call(make_images())
+
+
+def test_input_check_can_be_switched_off(base_model):
+    model = copy.deepcopy(base_model)
+    model.cfg = copy.deepcopy(model.cfg)
+    model.cfg.check_inputs = False
+    assert torch.isfinite(model.encode(torch.rand(1, 3, 32, 32) * 1.5)).all()
+
+
+def test_whole_config_instead_of_its_model_section_is_named():
+    with pytest.raises(TypeError, match=r"MuseTokenizer\(cfg.model\)"):
+        MuseTokenizer(load_config("tiny"))
