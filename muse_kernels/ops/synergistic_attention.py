@@ -579,13 +579,17 @@ class GeneralArgs:
     mask_strides: tuple[int, int, int, int]
 
 
+# MUSE's self-attention: the GENERAL=False kernels never read these values (muse_kernels.aot checks).
+_MUSE_ARGS = GeneralArgs(False, 0, 1, 0, None, "none", (0, 0, 0, 0))
+
+
 def general_args(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
                  causal: bool = False) -> GeneralArgs:
     """``attn_mask`` broadcastable to (B, H, N_q, N_k), bool (True = attend) or floating (additive)."""
+    if not is_general(q, k, attn_mask, causal):
+        return _MUSE_ARGS
     bsz, heads, seq, _ = q.shape
     n_keys = k.shape[2]
-    if not is_general(q, k, attn_mask, causal):
-        return GeneralArgs(False, n_keys, 1, n_keys, None, "none", (0, 0, 0, 0))
     mask, kind = None, "none"
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -643,7 +647,7 @@ def synergistic_attention_forward(
     if map_mode == "none":
         return out, None, lse, row_kl
     head_mean = map_mode == "head_mean"
-    n_keys = gen.n_keys
+    n_keys = k.shape[2]
     map_shape = (bsz, seq, n_keys) if head_mean else (bsz, heads, seq, n_keys)
     attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
     cfg = maps_config(dim, q.dtype)
@@ -725,7 +729,7 @@ def synergistic_attention_backward(
             *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
             *_bhn_strides(dq), *gen.mask_strides, **common, **flags,
         )
-    grid = (bsz * k.shape[1] * triton.cdiv(gen.n_keys, cfg.block_n),)
+    grid = (bsz * k.shape[1] * triton.cdiv(k.shape[2], cfg.block_n),)
     _synergistic_attention_bwd_dkdv_kernel[grid](
         q, k, v_, ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum), ptr(kl_grad),
         lse, delta, dk, delta if dv is None else dv, ptr(gen.mask),
