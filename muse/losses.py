@@ -26,11 +26,16 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0.0, 1.0)
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+def _pixel_distance(reconstruction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     if kind not in ("l1", "l2"):
         raise ValueError(f"kind must be 'l1' or 'l2', got {kind!r}")
-    diff = to_unit_range(reconstruction) - to_unit_range(target)
+    diff = reconstruction - target
     return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """L1 or L2 between [-1, 1] images, taken on their clamped [0, 1] pixels."""
+    return _pixel_distance(to_unit_range(reconstruction), to_unit_range(target), kind)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -103,9 +108,8 @@ class MuseLoss(nn.Module):
         w = self.weights
         with _fp32(images.device):
             reconstruction, target = to_unit_range(output.reconstruction), to_unit_range(images)
-            diff = reconstruction - target
             terms: dict[str, torch.Tensor] = {
-                "reconstruction": diff.abs().mean() if self.reconstruction_kind == "l1" else diff.pow(2).mean()}
+                "reconstruction": _pixel_distance(reconstruction, target, self.reconstruction_kind)}
             if w.perceptual:
                 terms["perceptual"] = self.perceptual(reconstruction, target)
             if w.gan and adversarial and self.disc_factor:
