@@ -147,8 +147,9 @@ def _torchmetrics_lpips(vgg_state, monkeypatch):
             import torchvision
 
             model = torchvision.models.vgg16(weights=None)
-            model.load_state_dict(vgg_state | {k: torch.zeros(v) for k, v in torchvision_vgg16_shapes().items()
-                                               if k.startswith("classifier.")})
+            classifier = {k: torch.zeros(()).expand(v) for k, v in torchvision_vgg16_shapes().items()
+                          if k.startswith("classifier.")}
+            model.load_state_dict(vgg_state | classifier)
             return model.features
         tree = VGG16Features()
         tree.load_state_dict(vgg_state)
