@@ -543,6 +543,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         ratios = [s.ratio for s in self.sources]
         chooser = random.Random(_seed(self.seed, "mix", part))
         state = self.resume_positions.get(part) or {}
+        if not isinstance(state, dict):
+            raise ValueError(f"resume position of part {part} is {state!r}, a sample count from an older version: "
+                             "that checkpoint cannot resume its data stream exactly; start the run over")
         consumed = list(state.get("consumed", [0] * len(readers)))
         if len(consumed) != len(readers):
             raise ValueError(f"resume position of part {part} has {len(consumed)} sources, the data {len(readers)}")

@@ -24,13 +24,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from muse.config import Config, load_config
-from muse.data import ShardStream, Source, collate, expand_shards, stream_counts
+from muse.data import DataError, ShardStream, Source, collate, expand_shards, stream_counts
 from muse.losses import MuseLoss, reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.models.discriminator import NLayerDiscriminator, load_official_discriminator
+from muse.models.official import is_official_checkpoint
 from muse.models.perceptual import PerceptualLoss, build_perceptual_loss
-from muse.training.checkpoint import (FROZEN_PREFIXES, latest_checkpoint, load_checkpoint, load_model_weights,
-                                      rng_state, save_checkpoint, set_rng_state)
+from muse.training.checkpoint import (FROZEN_PREFIXES, CheckpointError, ConfigMismatch, check_config,
+                                      config_record, list_checkpoints, load_checkpoint, load_model_weights,
+                                      load_newest_readable, rng_state, save_checkpoint, set_rng_state)
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
 from muse.training.optim import (build_discriminator_optimizer, build_optimizer, discriminator_schedule, lr_at,
@@ -42,6 +44,57 @@ log = logging.getLogger("muse.train")
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+class RunFolderInUse(RuntimeError):
+    """A fresh run was pointed at a folder that holds another run."""
+
+
+def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool, main_process: bool,
+                     wait_for_ranks=lambda: None) -> None:
+    """A run folder belongs to one run: a fresh run into a non-empty folder would overwrite its
+    same-numbered checkpoints, prune its own, append to its log and report its last checkpoint.
+    ``resume`` continues the run there; ``overwrite`` moves the old folder aside (``<name>.old-<time>``).
+    Every rank looks at the folder (``wait_for_ranks``: a barrier) before rank 0 changes it."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderInUse(f"train.out_dir {out_dir} is a file, not a folder")
+    contents = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if contents and not resume:
+        if not overwrite:
+            checkpoints = list_checkpoints(out_dir)
+            held = (f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}" if checkpoints
+                    else ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else ""))
+            raise RunFolderInUse(f"train.out_dir {out_dir} already holds a run ({held}): a fresh run would mix "
+                                 "with it. Pass --resume to continue it, --overwrite to start over (the old files "
+                                 "are moved aside), or choose another train.out_dir")
+    wait_for_ranks()
+    if contents and not resume and main_process:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
+        number = 1
+        while aside.exists():
+            aside, number = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{number}"), number + 1
+        out_dir.rename(aside)
+        log.warning("--overwrite: moved the previous run in %s aside to %s", out_dir, aside)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _drop_log_records_after(log_path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: their first records would be logged twice."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        log_path.write_text("".join(kept))
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -102,12 +155,25 @@ def build_discriminator(cfg: Config, device: torch.device) -> NLayerDiscriminato
                                blur_kernel_size=lc.disc_blur_kernel_size, pool_size=lc.disc_pool_size).to(device)
 
 
-def init_from_previous_stage(model: MuseTokenizer, path: str) -> None:
-    """Load the EMA weights of the previous stage's last checkpoint (a file or a run folder)."""
-    file = latest_checkpoint(path) if Path(path).is_dir() else Path(path)
-    if file is None or not file.exists():
+def init_from_previous_stage(model: MuseTokenizer, path: str, cfg: Config) -> None:
+    """Load the EMA weights of an earlier stage's checkpoint (a file, or a run folder's newest readable
+    one), refusing one trained with another architecture. An official MUSE checkpoint (its
+    ``model.safetensors``, ``ema_model/pytorch_model.bin`` or checkpoint folder) loads strictly."""
+    if is_official_checkpoint(path):
+        info = model.load_official_checkpoint(path)
+        log.info("initialised from the official checkpoint %s", info["file"])
+        return
+    if Path(path).is_dir():
+        found = load_newest_readable(path)
+        if found is None:
+            raise FileNotFoundError(f"train.init_weight: no checkpoint in {path}")
+        file, state = found
+    elif Path(path).exists():
+        file, state = Path(path), load_checkpoint(path)
+    else:
         raise FileNotFoundError(f"train.init_weight: no checkpoint at {path}")
-    load_model_weights(model, load_checkpoint(file)["ema"], f"train.init_weight {file}")
+    check_config(state, cfg, f"train.init_weight {file}", purpose="init")
+    load_model_weights(model, state["ema"], f"train.init_weight {file}")
     log.info("initialised from the EMA weights of %s", file)
 
 
@@ -150,20 +216,22 @@ def _trainable_state(model: torch.nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """One stage. ``resume``: continue the run in ``train.out_dir`` from its newest readable checkpoint;
+    ``overwrite``: move a previous run there aside and start over (without either, a non-empty
+    ``train.out_dir`` is refused: :class:`RunFolderInUse`)."""
     rank, world, device = setup_distributed()
     main_process = rank == 0
     tc = cfg.train
     out_dir = Path(tc.out_dir)
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out_dir, resume, overwrite, main_process, dist.barrier if world > 1 else lambda: None)
     # The same seed on every rank: DDP broadcasts the tokenizer's weights, but the discriminator and any
     # randomly initialised loss network are built by each rank and must start identical too.
     torch.manual_seed(tc.seed)
 
     model = MuseTokenizer(cfg.model).to(device)
     if tc.init_weight:
-        init_from_previous_stage(model, tc.init_weight)
+        init_from_previous_stage(model, tc.init_weight, cfg)
     trainable = configure_stage(model, tc.stage)
     weights = cfg.loss
     discriminator = build_discriminator(cfg, device)
@@ -188,9 +256,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     start, positions, bad_in_row, bad_total, disc_updates = 0, {}, 0, 0, 0
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, map_location=device)
+    found = load_newest_readable(out_dir, map_location=device) if resume else None
+    checkpoint = None
+    if found is not None:
+        checkpoint, state = found
+        check_config(state, cfg, f"--resume {checkpoint}", purpose="resume")
         load_model_weights(model, state["model"], f"--resume {checkpoint}")
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"], state.get("ema_updates", state["step"]))
@@ -208,7 +278,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    stream, loader = build_loader(cfg, rank, world, positions, start)
+    _, loader = build_loader(cfg, rank, world, positions, start)
     batches = iter(loader)
 
     def save(step: int) -> Path | None:
@@ -223,7 +293,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             return None
         state = {"model": _trainable_state(model), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "positions": all_positions, "rng": rng_state(),
-                 "bad_steps": bad_total, "stage": tc.stage, "ema_updates": ema.num_updates}
+                 "bad_steps": bad_total, "stage": tc.stage, "ema_updates": ema.num_updates, **config_record(cfg)}
         if discriminator is not None:
             state |= {"discriminator": discriminator.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
                       "lecam": loss_fn.lecam.state_dict(), "disc_updates": disc_updates}
@@ -231,7 +301,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     from tqdm import tqdm
 
+    if main_process and checkpoint is not None:
+        _drop_log_records_after(out_dir / "log.jsonl", start)
     log_file = open(out_dir / "log.jsonl", "a") if main_process else None
+    # Off a terminal (CI, nohup, a cluster log) the bar draws nothing: log lines carry the progress.
+    log_progress = main_process and not sys.stderr.isatty()
+    last_saved = checkpoint
     writer = open_tensorboard(out_dir) if main_process and tc.tensorboard else None
     history, images_seen, clock = [], 0, time.perf_counter()
     progress = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not main_process or None,
@@ -314,10 +389,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
                             writer.add_scalar(key, value, done)
                 history.append(record)
                 progress.set_postfix(loss=f"{record['total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                if log_progress:
+                    remaining = elapsed / (done - start) * (tc.steps - done)
+                    log.info("step %d/%d: %.1f img/s, %s; ETA %s", done, tc.steps, record["img_per_s"],
+                             ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()), _eta(remaining))
             if main_process and tc.image_every and (done % tc.image_every == 0 or done == tc.steps):
                 save_pictures(model, images, text_embeds, out_dir / "images", done)
             if done % tc.ckpt_every == 0 or done == tc.steps:
-                save(done)
+                last_saved = save(done) or last_saved
+                if log_progress:
+                    log.info("step %d/%d: checkpoint %s", done, tc.steps, last_saved)
     finally:
         if log_file is not None:
             log_file.close()
@@ -326,14 +407,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
         progress.close()
     return {"stage": tc.stage, "out_dir": str(out_dir), "history": history, "model": model,
             "discriminator": discriminator,
-            "checkpoint": str(latest_checkpoint(out_dir)) if main_process else None, "bad_steps": bad_total,
+            "checkpoint": str(last_saved) if main_process and last_saved else None, "bad_steps": bad_total,
             **stream_counts(positions), "trainable_parameters": len(trainable)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a shipped config name (tiny/stage1) or a YAML path")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.out_dir from its newest checkpoint that loads")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a used train.out_dir (its old files are moved aside)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -342,7 +426,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         log.error("config error: %s", err)
         return 2
-    summary = train(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (RunFolderInUse, CheckpointError, ConfigMismatch, DataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
     if summary["history"]:
         first, last = summary["history"][0], summary["history"][-1]
         log.info("stage %d: loss %.4f → %.4f over %d steps, %.1f img/s; checkpoint %s; log %s/log.jsonl",

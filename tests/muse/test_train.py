@@ -45,12 +45,12 @@ def test_three_stages_train_the_right_parameters(shards, tmp_path, monkeypatch):
         model, before, names = trained[stage]
         changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
         assert changed and changed <= names, sorted(changed - names)[:5]
-        assert not any(n.startswith("teacher.") for n in changed)
+        assert not any(n.startswith("dino_teacher.") for n in changed)
         assert any(n.startswith("encoder.") for n in changed) == (stage == 3)
-        assert any(n.startswith("itc_proj.") for n in changed) == (stage >= 2)
+        assert any(n.startswith("semantic_projector.") for n in changed) == (stage >= 2)
         previous = summary["out_dir"]
     state = load_checkpoint(latest_checkpoint(previous))
-    assert state["stage"] == 3 and "discriminator" in state and not any(k.startswith("teacher.") for k in state["model"])
+    assert state["stage"] == 3 and "discriminator" in state and not any(k.startswith("dino_teacher.") for k in state["model"])
 
 
 @pytest.mark.parametrize("precision,workers", [("fp32", 0), ("fp16", 0), ("fp32", 2)])
@@ -122,7 +122,7 @@ def _ddp_worker(rank, world, port, cfg, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     summary = train(cfg)
-    state = {k: v for k, v in summary["model"].state_dict().items() if not k.startswith("teacher.")}
+    state = {k: v for k, v in summary["model"].state_dict().items() if not k.startswith("dino_teacher.")}
     if summary["discriminator"] is not None:
         state |= {f"discriminator.{k}": v for k, v in summary["discriminator"].state_dict().items()}
     torch.save(state, f"{out}/rank{rank}.pt")
@@ -186,7 +186,7 @@ def test_ddp_equals_one_process_on_the_combined_batch(shards, tmp_path, monkeypa
     start = train_module.MuseTokenizer(cfg.model).state_dict()
     moved = 0
     for key, value in model.state_dict().items():
-        if key.startswith("teacher."):
+        if key.startswith("dino_teacher."):
             continue
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-6, msg=key)
         moved += not torch.equal(value, start[key])
@@ -209,3 +209,87 @@ def test_pictures_tensorboard_and_gradient_orthogonality_are_logged(shards, tmp_
     pictures = sorted(p.name for p in (tmp_path / "logs" / "images").iterdir())
     assert pictures == ["step_00000002_attention.png", "step_00000002_reconstruction.png"]
     assert list((tmp_path / "logs" / "tensorboard").iterdir())
+
+
+# ------------------------------------------------------------ runs that never mix, hang or lie (issue 16)
+
+def _quick(stage, shards, out_dir, steps=3, extra=()):
+    # These tests are about folders, checkpoints and logs: the perceptual networks (random VGG16 and
+    # ConvNeXt-S, seconds to build), pictures and gradient cosines would only slow them down.
+    return _cfg(stage, shards, out_dir, steps, ["loss.perceptual=0", "train.image_every=0", "train.ortho_every=0",
+                                                "train.tensorboard=false", *extra])
+
+
+def _steps_logged(out_dir):
+    import json
+
+    return [json.loads(line)["step"] for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_run_into_a_used_folder_stops_and_overwrite_moves_the_old_run_aside(shards, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_quick(1, shards, run, steps=6))
+    # A fresh run used to overwrite same-numbered checkpoints, report the old run's step-6 checkpoint
+    # as its result and append to its log.
+    with pytest.raises(RuntimeError, match=r"already holds a run .*--resume to continue .*--overwrite"):
+        train(_quick(1, shards, run, steps=3))
+    assert main(["--config", "tiny/stage1", f"data.shards=['{shards}']", f"train.out_dir={run}"]) == 2
+    assert "already holds a run" in caplog.text
+    summary = train(_quick(1, shards, run, steps=3), overwrite=True)
+    assert summary["checkpoint"] == str(run / "step_00000003.pt")
+    assert [p.name for p in run.glob("step_*.pt")] == ["step_00000003.pt"] and _steps_logged(run) == [1, 2, 3]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert sorted(p.name for p in aside.glob("step_*.pt")) == ["step_00000003.pt", "step_00000006.pt"]
+    assert _steps_logged(aside) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_record_their_config_and_resume_or_init_refuse_a_mismatch(shards, tmp_path):
+    run = tmp_path / "run"
+    train(_quick(1, shards, run, steps=3))
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["config"]["model"]["dim"] == 64 and state["config"]["train"]["stage"] == 1
+    assert len(state["config_hash"]) == 64
+    # Two encoder heads or four: the same weight shapes, so this used to resume silently.
+    with pytest.raises(ValueError, match=r"model\.encoder\.num_heads: checkpoint 2, config 4"):
+        train(_quick(1, shards, run, steps=6, extra=["model.encoder.num_heads=4"]), resume=True)
+    with pytest.raises(ValueError, match=r"train\.stage: checkpoint 1, config 2"):
+        train(_quick(2, shards, run, steps=6, extra=["train.init_weight=null"]), resume=True)
+    with pytest.raises(ValueError, match=r"train.init_weight .* different config \(model\.encoder\.num_heads: checkpoint 2, config 4"):
+        train(_quick(2, shards, tmp_path / "s2", extra=[f"train.init_weight={run}", "model.encoder.num_heads=4"]))
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(shards, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_quick(1, shards, run, steps=6))
+    damaged = run / "step_00000006.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a truncated file
+    summary = train(_quick(1, shards, run, steps=6), resume=True)
+    assert "step_00000006.pt cannot be read" in caplog.text and "falling back" in caplog.text
+    assert (run / "step_00000006.pt.damaged").exists() and summary["checkpoint"] == str(damaged)
+    assert load_checkpoint(damaged)["step"] == 6
+    assert _steps_logged(run) == [1, 2, 3, 4, 5, 6]  # the steps after the checkpoint are not logged twice
+
+
+def test_progress_is_logged_without_a_terminal(shards, tmp_path, caplog):
+    caplog.set_level("INFO", "muse.train")
+    train(_quick(1, shards, tmp_path / "run", steps=3))  # pytest's stderr is no terminal: no bar is drawn
+    lines = [r.getMessage() for r in caplog.records if r.name == "muse.train"]
+    steps = [line for line in lines if line.startswith("step ") and "img/s" in line]
+    assert len(steps) == 3 and steps[0].startswith("step 1/3") and "ETA" in steps[0] and "total" in steps[0]
+    assert any("checkpoint" in line and "step_00000003.pt" in line for line in lines)
+
+
+def test_shards_without_a_decodable_sample_stop_the_run_in_seconds(tmp_path):
+    import io
+    import tarfile
+
+    from tests.helpers import run_within
+
+    with tarfile.open(tmp_path / "broken-000000.tar", "w") as tar:
+        for name, data in (("000.jpg", b"not a jpeg"), ("000.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # This used to print "skipped" lines forever.
+    with pytest.raises(ValueError, match="could not be decoded .*broken-000000.tar"):
+        run_within(60, train, _quick(1, str(tmp_path / "broken-*.tar"), tmp_path / "run"))
