@@ -74,6 +74,10 @@ class TeacherConfig:
     for configs without DINOv3 weights; it has no weights (``pretrained``/``random_init`` unused)."""
 
     kind: str = "dinov3"
+    # "muse": every layer on our attention kernels, the last one writing only its head-mean map (one map
+    # write instead of every layer's per-head maps); "eager": output_attentions in every layer (the
+    # official code's way, for comparison and benchmarks).
+    attention: str = "muse"
     pretrained: str | None = _pretrained_path()
     random_init: bool = False
     # Set on the demo's photos: rows well above uniform (peak ≥ 2.4× uniform at the centre query,
@@ -91,6 +95,8 @@ class TeacherConfig:
     def __post_init__(self):
         if self.kind not in ("dinov3", "structural"):
             raise ValueError(f"model.teacher.kind must be 'dinov3' or 'structural', got {self.kind!r}")
+        if self.attention not in ("muse", "eager"):
+            raise ValueError(f"model.teacher.attention must be 'muse' or 'eager', got {self.attention!r}")
         _check_source("model.teacher", self.pretrained, self.random_init)
         _require("model.teacher", self, positive=("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size", "colour_sigma", "texture_sigma", "distance_sigma"),
                  non_negative=("num_register_tokens",))

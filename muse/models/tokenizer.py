@@ -19,7 +19,7 @@ from muse.models.block import SynergisticBlock
 from muse.models.inputs import check_images, check_model_config
 from muse.models.pretrained import load_dcae_decoder, load_dinov3, load_internvit
 from muse.models.structural_teacher import StructuralTeacher
-from muse_kernels import resize_attention_4d
+from muse_kernels import capture_attention, resize_attention_4d
 from muse_kernels.ops.resize_attention import RENORM_EPS, interpolation_matrix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,7 +98,8 @@ def build_teacher(cfg: ModelConfig) -> nn.Module:
     t = cfg.teacher
     if t.kind == "structural":
         return StructuralTeacher(t.patch_size, t.colour_sigma, t.texture_sigma, t.distance_sigma)
-    # Eager attention: the SDPA and flash paths do not return the maps the loss needs.
+    # Built on eager attention (output_attentions for teacher.attention=eager); teacher_maps switches it
+    # to the muse kernels for its forward when teacher.attention=muse.
     if t.pretrained:
         model = load_dinov3(t.pretrained, attn_implementation="eager")
     else:
@@ -276,9 +277,8 @@ class MuseTokenizer(nn.Module):
         if self.dino_teacher is None:
             patches = self.structural_teacher((pixels * self.dino_std + self.dino_mean).clamp(0, 1))
         else:
-            out = self.dino_teacher(pixel_values=pixels, output_attentions=True)
             # The patch tokens are the last ones, after CLS and registers.
-            patches = out.attentions[-1].float()[:, :, -spatial:, -spatial:].mean(dim=1)
+            patches = self._dino_head_mean(pixels)[:, -spatial:, -spatial:]
             patches = patches / (patches.sum(-1, keepdim=True) + RENORM_EPS)
         grid_hw = tuple(grid_hw)
         if source_hw == grid_hw:
@@ -286,6 +286,15 @@ class MuseTokenizer(nn.Module):
         if self.cfg.teacher_layout == "official":
             return official_resize(patches, source_hw, grid_hw)
         return resize_attention_4d(patches, grid_hw, source_hw=source_hw)
+
+    def _dino_head_mean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The teacher's last-layer attention averaged over heads, (B, T, T) in fp32, every token."""
+        if self.cfg.teacher.attention == "eager":
+            out = self.dino_teacher(pixel_values=pixels, output_attentions=True)
+            return out.attentions[-1].float().mean(dim=1)
+        with capture_attention(self.dino_teacher, layers=[-1], kind="head_mean") as maps:
+            self.dino_teacher(pixel_values=pixels)
+        return maps[-1].float()
 
     def _latents(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         latents = self.to_latent(self.grad_scaler(x))
