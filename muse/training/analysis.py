@@ -9,6 +9,7 @@ gradient there, and its cosine is reported as 0.
 from __future__ import annotations
 
 import itertools
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -74,22 +75,55 @@ def save_reconstruction_grid(images: torch.Tensor, reconstruction: torch.Tensor,
 
 def heat_picture(values: np.ndarray, size: int) -> np.ndarray:
     """A map → an RGB heat picture (black → red → yellow → white) over its own min–max range, upsampled
-    to size²: near-uniform maps still show where they peak."""
+    to size²: near-uniform maps still show where they peak (so never compare two such pictures'
+    colours; :func:`save_attention_grid` draws probabilities on a shared scale instead)."""
     v = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
     return np.asarray(Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size), Image.NEAREST))
 
 
 def save_attention_grid(images: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor, grid_hw: tuple[int, int],
-                        path: str | Path, count: int = 4) -> Path:
-    """Per image: the image, the teacher's map and the student's head-mean map for the centre query token."""
+                        path: str | Path, count: int = 4, teacher_name: str = "teacher",
+                        query: tuple[int, int] | None = None) -> Path:
+    """Per image (a row): the image with the query token marked, the teacher's and the student's
+    head-mean attention of that query in probability units on one colour scale per row (with its
+    colour bar), and student − teacher on a symmetric scale. ``query``: (row, col) on the token grid,
+    the centre by default."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     h, w = grid_hw
-    query = (h // 2) * w + w // 2
+    qr, qc = query if query is not None else (h // 2, w // 2)
+    index = qr * w + qc
     pictures = to_uint8(images[:count])
+    rows = min(count, pictures.shape[0])
+    fig, axes = plt.subplots(rows, 4, figsize=(13, 2.7 * rows), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
     size = pictures.shape[1]
-    rows = []
-    for i in range(min(count, pictures.shape[0])):
-        t = teacher[i, query].detach().float().reshape(h, w).cpu().numpy()
-        s = student[i, query].detach().float().reshape(h, w).cpu().numpy()
-        rows.append(np.concatenate([pictures[i], heat_picture(t, size), heat_picture(s, size)], axis=1))
-    return save_picture(np.concatenate(rows, axis=0), size, path)
+    for i in range(rows):
+        t = teacher[i, index].detach().float().reshape(h, w).cpu().numpy()
+        s = student[i, index].detach().float().reshape(h, w).cpu().numpy()
+        top = float(max(t.max(), s.max()))
+        spread = float(np.abs(s - t).max()) or 1e-12
+        panels = [(pictures[i], None, "image (query ×)"), (t, ("viridis", 0, top), teacher_name),
+                  (s, ("viridis", 0, top), "student (head mean)"), (s - t, ("RdBu_r", -spread, spread),
+                                                                    "student − teacher")]
+        for ax, (data, scale, title) in zip(axes[i], panels):
+            if scale is None:
+                ax.imshow(data, interpolation="nearest")
+                ax.plot((qc + 0.5) * size / w - 0.5, (qr + 0.5) * size / h - 0.5, "x", color="red", ms=10, mew=2)
+            else:
+                shown = ax.imshow(data, cmap=scale[0], vmin=scale[1], vmax=scale[2], interpolation="nearest")
+                ax.plot(qc, qr, "x", color="red", ms=8, mew=2)
+                if title != teacher_name:  # the student's bar is the row's shared teacher/student scale
+                    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04,
+                                 label="probability" if scale[1] == 0 else "difference")
+            if i == 0:
+                ax.set_title(textwrap.fill(title, 26), fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
