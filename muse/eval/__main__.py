@@ -7,7 +7,7 @@ import sys
 
 TOOLS = {"reconstruct": "reconstruct", "recon-metrics": "recon_metrics", "linear-probe": "linear_probe",
          "zero-shot": "zero_shot", "seg-probe": "seg_probe", "attention-maps": "attention_maps",
-         "grad-orthogonality": "grad_orthogonality"}
+         "grad-orthogonality": "grad_orthogonality", "table": "table"}
 
 
 def main(argv=None) -> int:

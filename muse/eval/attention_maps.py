@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from muse.eval.common import load_tokenizer
+    from muse.eval.common import load_from_args
 
     files = list_images(args.images)
     if not files:
         log.error("no images at %s", args.images)
         return 2
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
+        model, cfg = load_from_args(args)
         images = torch.stack([preprocess(Image.open(f), cfg.model.image_size, torch.Generator(), train=False)
                               for f in files])
         teacher, student, grid = attention_maps(model, images)

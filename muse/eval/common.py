@@ -15,11 +15,32 @@ if TYPE_CHECKING:
 
 
 def add_model_arguments(parser) -> None:
-    """--config, --checkpoint and --device: which tokenizer a tool loads, and where it runs."""
+    """--config, --checkpoint / --official-checkpoint and --device: which tokenizer a tool loads, and
+    where it runs."""
     parser.add_argument("--config", required=True, help="a shipped config name (tiny, muse_1b/stage3) or a YAML path")
-    parser.add_argument("--checkpoint", help="a checkpoint file or run folder (default: the config's weights)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", help="a checkpoint file or run folder of ours (default: the config's weights)")
+    weights.add_argument("--official-checkpoint",
+                         help="an official MUSE checkpoint (the released MUSE-1B model.safetensors, an "
+                              "ema_model/pytorch_model.bin or its checkpoint folder), loaded strictly")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the tokenizer runs (default: cuda when available)")
+
+
+def add_text_arguments(parser) -> None:
+    """--allow-random-text-encoder, for the tools that read the text encoder."""
+    parser.add_argument("--allow-random-text-encoder", action="store_true",
+                        help="run even though model.text has no pretrained weights (tests, tiny configs: the "
+                             "numbers then measure a random text tower)")
+
+
+def require_pretrained_text(cfg: Config, allowed: bool, tool: str) -> None:
+    """Refuse a randomly initialised text encoder unless ``allowed`` says so explicitly."""
+    if cfg.model.text.pretrained or allowed:
+        return
+    raise ValueError(f"{tool}: model.text.pretrained is not set, so the text encoder would be randomly initialised "
+                     f"and its results would measure noise; point model.text.pretrained at the CLIP text tower "
+                     f"(the official one: CLIP-ViT-L-14-laion2B-s32B-b82K) or pass --allow-random-text-encoder")
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -32,15 +53,22 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 
 def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "ema",
-                   overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[MuseTokenizer, Config]:
+                   overrides: list[str] | None = None, device: str | torch.device = "cpu",
+                   official: str | None = None) -> tuple[MuseTokenizer, Config]:
     """The config's tokenizer with a checkpoint's ``ema`` (default) or ``model`` weights; ``checkpoint``
-    is a file or a run folder (its last checkpoint). Without one, the config's own (pretrained or random)
-    weights are used."""
+    is a file or a run folder (its last checkpoint); ``official``, an official MUSE checkpoint
+    (``MuseTokenizer.load_official_checkpoint``). Without either, the config's own (pretrained or
+    random) weights are used."""
+    if checkpoint is not None and official is not None:
+        raise ValueError("give a checkpoint of ours or an official one, not both")
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     from muse.models import MuseTokenizer  # imported on use: `--help` stays fast
 
     cfg = load_config(config, overrides)
+    # Whatever a checkpoint does not cover (everything, without one) starts from the config's seed:
+    # two evaluations of the same weights give the same numbers.
+    torch.manual_seed(cfg.train.seed)
     model = MuseTokenizer(cfg.model)
     if checkpoint is not None:
         file = resolve_checkpoint(checkpoint)
@@ -48,4 +76,20 @@ def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "e
         if weights not in state:
             raise ValueError(f"checkpoint {file} has no {weights!r} weights (keys: {sorted(state)})")
         load_model_weights(model, state[weights], f"checkpoint {file}")
+    if official is not None:
+        model.load_official_checkpoint(official)
     return model.to(device).eval(), cfg
+
+
+def load_from_args(args) -> tuple[MuseTokenizer, Config]:
+    """``load_tokenizer`` for a tool's parsed ``add_model_arguments``."""
+    return load_tokenizer(args.config, args.checkpoint, device=args.device,
+                          official=getattr(args, "official_checkpoint", None))
+
+
+def weights_identity(args) -> str | None:
+    """The file the weights come from (for cache keys and reports)."""
+    official = getattr(args, "official_checkpoint", None)
+    if official:
+        return f"official:{official}"
+    return str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else None

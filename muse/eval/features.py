@@ -1,7 +1,7 @@
 """Frozen-tokenizer features over shards, for the probes, cached on disk.
 
 A probe trains for many epochs on features that never change: they are computed once per (checkpoint,
-config, shards, feature kind, image count) and reloaded from ``--cache`` afterwards.
+config, shards, feature kind, image pipeline, image count) and reloaded from ``--cache`` afterwards.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from muse.data import batched, read_once
-
 log = logging.getLogger("muse.eval")
 
-KINDS = ("latents", "semantic", "embeds")
+KINDS = ("latents", "semantic", "embeds", "hidden")
 
 
 @dataclass
 class FeatureSet:
     features: torch.Tensor  # (M, C) pooled, or (M, h·w, C) per token
     labels: torch.Tensor  # (M,) class indices, -1 where a sample has none
-    seg: torch.Tensor | None  # (M, S, S) segmentation labels, when every sample has them
+    # (M, S, S) segmentation labels, when every sample has them; uint8 keeps 20k ADE20K maps at 512² in
+    # 5 GB rather than 42.
+    seg: torch.Tensor | None
     grid: tuple[int, int]
     keys: list[str]
 
@@ -39,28 +39,38 @@ def progress_bar(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
 
 
+def _select(out, kind: str, pooled: bool) -> torch.Tensor:
+    if kind == "embeds":
+        return out.image_embeds
+    tokens = {"latents": out.latents, "semantic": out.semantic, "hidden": out.hidden}[kind]
+    return tokens.mean(dim=1) if pooled else tokens
+
+
 @torch.no_grad()
 def extract_features(model, shards: list[str], kind: str = "latents", pooled: bool = True,
                      batch_size: int = 32, max_images: int | None = None, device: str | torch.device = "cpu",
-                     desc: str = "features") -> FeatureSet:
-    """One centre-cropped pass over ``shards``: the tokenizer's ``kind`` features (``latents``, the
-    ``semantic`` export, mean-pooled over tokens when ``pooled``; or the ITC ``embeds``, one per image),
-    with class and segmentation labels."""
+                     desc: str = "features", pipeline=None) -> FeatureSet:
+    """One pass over ``shards``: the tokenizer's ``kind`` features (``latents``, the ``semantic`` export
+    v_itc, the last block's output ``hidden``, mean-pooled over tokens when ``pooled``; or the ITC
+    ``embeds``, one per image), with class and segmentation labels. ``pipeline(image, labels)`` →
+    (pixels in [-1, 1], labels or None) makes the model's input (default: the centre crop at the
+    model's image size, as in training)."""
+    from muse.data import batched
+    from muse.eval.transforms import make_pipeline, read_raw
+
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    pipeline = pipeline or make_pipeline("centre_crop", model.cfg.image_size)
     features, labels, segs, keys = [], [], [], []
     grid = (0, 0)
     bar = progress_bar(max_images, desc)
-    for batch in batched(read_once(shards, model.cfg.image_size), batch_size, max_images):
-        out = model.features(torch.stack([s["image"] for s in batch]).to(device))
-        if kind == "embeds":
-            features.append(out.image_embeds.float().cpu())
-        else:
-            tokens = out.latents if kind == "latents" else out.semantic
-            features.append((tokens.mean(dim=1) if pooled else tokens).float().cpu())
+    for batch in batched(read_raw(shards), batch_size, max_images):
+        pairs = [pipeline(s["image"], s["seg"]) for s in batch]
+        out = model.features(torch.stack([pixels for pixels, _ in pairs]).to(device))
+        features.append(_select(out, kind, pooled).float().cpu())
         grid = out.grid
         labels += [s["cls"] for s in batch]
-        segs += [s.get("seg") for s in batch]
+        segs += [seg for _, seg in pairs]
         keys += [s["key"] for s in batch]
         if bar is not None:
             bar.update(len(batch))

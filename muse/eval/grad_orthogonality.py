@@ -4,7 +4,8 @@ For a tokenizer and a few batches, the cosine between the gradients of every pai
 (reconstruction, topology, ITC) on each parameter group of the Synergistic blocks (Q/K, V, rest),
 for MUSE's block and for a "naive shared" variant at the same weights (no gradient shield, so the
 output's losses reach Q/K too). The paper's Table 4 / Figure 2: naive negative, MUSE ≈ 0, and
-exactly 0 on Q/K for losses that cannot reach them.
+exactly 0 on Q/K for losses that cannot reach them. The ITC loss reads the text encoder: a randomly
+initialised one is refused unless ``--allow-random-text-encoder`` says so.
 
     python -m muse.eval.grad_orthogonality --config tiny --checkpoint demo_out/stage3 \\
         --shards 'demo_out/shards/*.tar' --batches 4 --out orthogonality/
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from muse.data import ShardStream, Source, collate, expand_shards
-from muse.eval.common import add_model_arguments
+from muse.eval.common import add_model_arguments, add_text_arguments, require_pretrained_text
 from muse.losses import reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.analysis import gradient_cosines
@@ -113,16 +114,18 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Gradient cosines between MUSE's losses, MUSE vs naive blocks")
     add_model_arguments(parser)
+    add_text_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from muse.eval.common import load_tokenizer
+    from muse.eval.common import load_from_args
 
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
+        model, cfg = load_from_args(args)
+        require_pretrained_text(cfg, args.allow_random_text_encoder, "grad-orthogonality")
         shards = expand_shards(args.shards)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

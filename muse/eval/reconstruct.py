@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from muse.eval.common import load_tokenizer
+    from muse.eval.common import load_from_args
 
     try:
-        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
+        model, cfg = load_from_args(args)
         names, images = _load_images(args, cfg.model.image_size)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

@@ -1,11 +1,16 @@
 """seg-probe: a linear per-token segmentation head on frozen tokenizer features; mIoU and pixel accuracy.
 
-    python -m muse.eval.seg_probe --config muse_1b/stage3 --checkpoint runs/stage3 \\
-        --train-shards 'ade-train-*.tar' --val-shards 'ade-val-*.tar' --num-classes 151 --cache cache/ --out seg/
+    muse-eval seg-probe --config muse_1b/stage3 --checkpoint runs/stage3 \\
+        --train-shards 'ade-train-*.tar' --val-shards 'ade-val-*.tar' --cache cache/ --out seg/
 
-Shards need ``.seg.png`` label maps. Each token's feature goes through one linear layer to class
-logits on the token grid, bilinearly upsampled to the label resolution. ADE20K's label 0 ("other") is
-ignored by default (``--ignore-index``), so its 150 classes are scored.
+Shards need ``.seg.png`` label maps. ``--protocol official`` (default), ``scripts/segment_probe.py``:
+the whole image stretched to 512² (18×18 tokens for MUSE-1B), the last Synergistic block's output x
+(512-d), BatchNorm2d + a 1×1 convolution (weights N(0, 0.01²)), logits upsampled bilinearly to the
+labels; ADE20K's label 0 ignored and 1..150 shifted to 0..149; SGD lr 0.01, momentum 0.9, weight decay
+1e-4, constant, batch 8 (last partial batch dropped), 10 epochs, validated every epoch; mIoU is the
+mean IoU over all 150 classes (a class absent from prediction and labels scores 0), the best epoch's.
+``--protocol fast``: the training centre crop, the ``semantic`` export, standardized features and a
+linear layer, AdamW, 30 epochs, mIoU over the classes present, label 0 ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -21,96 +25,153 @@ from torch import nn
 
 from muse.eval.features import FeatureSet
 from muse.eval.linear_probe import add_feature_arguments, load_feature_sets, save_probe
-from muse.eval.probe import ProbeSettings, Standardize, fit
+from muse.eval.probe import Standardize, select_epoch, train_probe
+from muse.eval.protocols import SEG_PROBE, add_protocol_arguments, describe, resolve_protocol
 
 log = logging.getLogger("muse.eval")
 
 
 class TokenSegmentationHead(nn.Module):
-    """(B, h·w, C) token features → (B, classes, S, S) logits."""
+    """(B, h·w, C) token features → (B, classes, S, S) logits: ``bn_conv`` (the official
+    BatchNorm2d + 1×1 conv on the (C, h, w) map) or ``standardize_linear`` (frozen training-set
+    statistics and a linear layer per token)."""
 
-    def __init__(self, features: torch.Tensor, num_classes: int, grid: tuple[int, int], size: int):
+    def __init__(self, kind: str, features: torch.Tensor, num_classes: int, grid: tuple[int, int], size: int):
         super().__init__()
-        self.standardize = Standardize(features)
-        self.linear = nn.Linear(features.shape[-1], num_classes)
-        self.grid, self.size = grid, size
+        dim = features.shape[-1]
+        self.kind, self.grid, self.size = kind, grid, size
+        if kind == "bn_conv":
+            self.bn = nn.BatchNorm2d(dim)
+            self.head = nn.Conv2d(dim, num_classes, kernel_size=1)
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+        elif kind == "standardize_linear":
+            self.standardize = Standardize(features)
+            self.linear = nn.Linear(dim, num_classes)
+        else:
+            raise ValueError(f"seg-probe head must be bn_conv or standardize_linear, got {kind!r}")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(self.standardize(tokens)).transpose(1, 2)
-        logits = logits.reshape(tokens.shape[0], -1, *self.grid)
+        batch, count, dim = tokens.shape
+        if count != self.grid[0] * self.grid[1]:
+            raise ValueError(f"{count} tokens do not form the {self.grid[0]}x{self.grid[1]} grid")
+        if self.kind == "bn_conv":
+            grid = tokens.transpose(1, 2).reshape(batch, dim, *self.grid)
+            logits = self.head(self.bn(grid))
+        else:
+            logits = self.linear(self.standardize(tokens)).transpose(1, 2).reshape(batch, -1, *self.grid)
         return F.interpolate(logits, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
-def segmentation_scores(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-                        ignore_index: int | None = None) -> dict:
-    """Pixel accuracy and mean IoU over the classes that occur in the prediction or the target (pixels
-    labelled ``ignore_index`` excluded), with the per-class IoU."""
+def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = None) -> torch.Tensor:
+    """(num_classes, num_classes) counts, rows the labels, columns the predictions; pixels labelled
+    ``ignore_index`` are left out."""
+    target = target.long()
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    pred, true = prediction[keep].long(), target[keep].long()
-    if true.numel() == 0:
-        raise ValueError("no labelled pixels to score")
-    if int(true.max()) >= num_classes or int(true.min()) < 0:
+    pred, true = prediction[keep].long(), target[keep]
+    if true.numel() and (int(true.max()) >= num_classes or int(true.min()) < 0):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(true.min())}, {int(true.max())}]")
-    confusion = torch.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    return torch.bincount(true * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(confusion: torch.Tensor, ignore_index: int | None = None, over: str = "present") -> dict:
+    """Pixel accuracy and mean IoU, with the per-class IoU. ``over``: ``present`` averages the classes
+    that occur in the prediction or the labels (an in-range ``ignore_index`` excluded); ``all``
+    averages every class with the official I / (U + 1e-6), absent classes counting 0."""
     confusion = confusion.double()
+    if confusion.sum() == 0:
+        raise ValueError("no labelled pixels to score")
+    num_classes = confusion.shape[0]
     intersection = confusion.diag()
     union = confusion.sum(0) + confusion.sum(1) - intersection
-    present = union > 0
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        present[ignore_index] = False
-    iou = intersection / union.clamp_min(1)
-    return {"miou": float(iou[present].mean()), "pixel_accuracy": float(intersection.sum() / confusion.sum()),
-            "per_class_iou": {int(c): float(iou[c]) for c in present.nonzero().flatten()}}
+    if over == "all":
+        iou = intersection / (union + 1e-6)
+        scored = torch.ones(num_classes, dtype=torch.bool)
+    elif over == "present":
+        iou = intersection / union.clamp_min(1)
+        scored = union > 0
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            scored[ignore_index] = False
+    else:
+        raise ValueError(f"miou_over must be all or present, got {over!r}")
+    return {"miou": float(iou[scored].mean()), "pixel_accuracy": float(intersection.sum() / confusion.sum()),
+            "per_class_iou": {int(c): float(iou[c]) for c in scored.nonzero().flatten()}}
 
 
-def seg_probe(train: FeatureSet, val: FeatureSet, num_classes: int | None = None, ignore_index: int | None = 0,
-              settings: ProbeSettings = ProbeSettings(epochs=30, batch_size=16)) -> tuple[dict, nn.Module]:
+def segmentation_scores(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
+                        ignore_index: int | None = None, over: str = "present") -> dict:
+    """``scores_from_confusion`` of one prediction against its labels."""
+    return scores_from_confusion(confusion_matrix(prediction, target, num_classes, ignore_index), ignore_index, over)
+
+
+def seg_probe(train: FeatureSet, val: FeatureSet, settings=SEG_PROBE["official"],
+              device: str | torch.device = "cpu") -> tuple[dict, nn.Module]:
     """Train the head on ``train``'s per-token features and labels, score it on ``val``."""
     for name, data in (("training set", train), ("validation set", val)):
         if data.seg is None:
             raise ValueError(f"{name}: not every sample has a .seg.png label map")
         if data.features.dim() != 3:
             raise ValueError(f"{name}: the segmentation probe reads per-token (M, h·w, C) features")
-    labelled = torch.cat([train.seg.flatten(), val.seg.flatten()])
+    ignore_index = None if settings.ignore_index < 0 else settings.ignore_index
+    labelled = torch.cat([train.seg.flatten(), val.seg.flatten()]).long()
     if ignore_index is not None:
         labelled = labelled[labelled != ignore_index]
     highest = int(labelled.max()) if labelled.numel() else 0
-    num_classes = num_classes or highest + 1
+    num_classes = settings.num_classes or highest + 1
     if highest >= num_classes:
         raise ValueError(f"labels go up to {highest} but num_classes is {num_classes}")
     torch.manual_seed(settings.seed)
-    head = TokenSegmentationHead(train.features, num_classes, train.grid, train.seg.shape[-1])
-    fit(head, train.features, train.seg, settings, ignore_index=-100 if ignore_index is None else ignore_index)
-    with torch.no_grad():
-        prediction = torch.cat([head(chunk).argmax(1) for chunk in val.features.split(settings.batch_size)])
-    report = segmentation_scores(prediction, val.seg, num_classes, ignore_index)
-    report.update(classes=num_classes, ignore_index=ignore_index, train_samples=len(train.seg),
-                  val_samples=len(val.seg), settings=asdict(settings))
+    head = TokenSegmentationHead(settings.head, train.features, num_classes, train.grid, train.seg.shape[-1]).to(device)
+
+    def evaluate(model):
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for tokens, labels in zip(val.features.split(settings.probe_batch_size), val.seg.split(settings.probe_batch_size)):
+            prediction = model(tokens.to(device)).argmax(1).cpu()
+            confusion += confusion_matrix(prediction, labels, num_classes, ignore_index)
+        return scores_from_confusion(confusion, ignore_index, settings.miou_over)
+
+    history = train_probe(head, train.features, train.seg, settings, evaluate, metric="miou",
+                          ignore_index=-100 if ignore_index is None else ignore_index, device=device)
+    reported = select_epoch(history, "miou", settings.select)
+    report = {"miou": reported["miou"], "pixel_accuracy": reported["pixel_accuracy"], "epoch": reported["epoch"],
+              "miou_final": select_epoch(history, "miou", "final")["miou"],
+              "per_class_iou": reported["per_class_iou"], "classes": num_classes, "ignore_index": ignore_index,
+              "grid": list(train.grid), "train_samples": len(train.seg), "val_samples": len(val.seg),
+              "history": [{k: v for k, v in h.items() if k != "per_class_iou"} for h in history if "miou" in h]}
     return report, head
+
+
+def run(args, settings) -> tuple[dict, nn.Module]:
+    """Features and probe for parsed arguments and resolved settings (what ``main`` and ``table`` run)."""
+    from muse.config import load_config
+    from muse.eval.transforms import make_pipeline
+
+    image_size = load_config(args.config).model.image_size
+    pipeline = make_pipeline(settings.pipeline, image_size, crop=settings.input_size, labels=settings.labels)
+    description = {"pipeline": settings.pipeline, "size": settings.input_size or image_size, "labels": settings.labels}
+    train, val = load_feature_sets(args, settings, False, pipeline, description)
+    return seg_probe(train, val, settings, args.device)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Linear segmentation probe on frozen MUSE token features")
     add_feature_arguments(parser)
-    parser.add_argument("--num-classes", type=int, help="default: the highest label + 1")
-    parser.add_argument("--ignore-index", type=int, default=0, help="label excluded from training and scores "
-                        "(ADE20K: 0); -1 for none")
-    parser.set_defaults(epochs=30, lr=1e-3)
-    parser.add_argument("--probe-batch-size", type=int, default=16, help="images per probe training step")
+    add_protocol_arguments(parser, SEG_PROBE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = ProbeSettings(epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, seed=args.seed)
     try:
-        train, val = load_feature_sets(args, pooled=False)
-        report, head = seg_probe(train, val, args.num_classes, None if args.ignore_index < 0 else args.ignore_index,
-                                 settings)
+        settings, deviations = resolve_protocol(args, SEG_PROBE)
+        report, head = run(args, settings)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
+    report.update(describe(args.protocol, settings, deviations))
     save_probe(args, "seg_probe", report, head)
-    log.info("segmentation probe (%s, %d classes): mIoU %.2f%%, pixel accuracy %.2f%% on %d images", args.feature,
-             report["classes"], 100 * report["miou"], 100 * report["pixel_accuracy"], report["val_samples"])
+    log.info("segmentation probe (%s protocol%s, %s, %d classes, %dx%d tokens): mIoU %.2f%% (epoch %d), "
+             "pixel accuracy %.2f%% on %d images", args.protocol, ", modified" if deviations else "",
+             settings.feature, report["classes"], *report["grid"], 100 * report["miou"], report["epoch"],
+             100 * report["pixel_accuracy"], report["val_samples"])
     return 0
 
 

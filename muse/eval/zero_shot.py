@@ -1,12 +1,14 @@
 """zero-shot: classification by text, the ITC head's image embeddings against prompts of class names.
 
-    python -m muse.eval.zero_shot --config muse_1b/stage3 --checkpoint runs/stage3 \\
-        --shards 'imagenet-val-*.tar' --out zero_shot/ [--classes names.txt] [--templates templates.txt]
+    muse-eval zero-shot --config muse_1b/stage3 --checkpoint runs/stage3 --shards 'imagenet-val-*.tar' --out zs/
 
-``--classes``: one class name per line, line i naming class i (the shards' ``.cls``); without it,
-ImageNet-1k's names are read from timm's packaged class information (timm installed, not imported).
-``--templates``: one prompt per line with ``{}`` where the class name goes; without it, a short
-built-in set. Each class's embedding is the renormalized mean of its prompts' embeddings.
+``--protocol official`` (default), ``scripts/zero_shot.py``: Resize 256 (bicubic) + CenterCrop 224,
+OpenAI's 1000 ImageNet class names and 80 prompt templates (packaged, ``muse/eval/data``) through the
+config's CLIP text tower; each class's embedding is the renormalized mean of its prompts' normalized
+embeddings. ``--protocol fast``: the training centre crop, 12 built-in templates and the first WordNet
+lemma of each class (timm's class lists). ``--classes FILE`` / ``--templates FILE`` (one per line,
+``{}`` where the class name goes) replace the lists. A randomly initialised text encoder makes the
+accuracy meaningless: the tool refuses one unless ``--allow-random-text-encoder`` says so.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muse.eval.common import add_model_arguments
+from muse.eval.common import add_model_arguments, add_text_arguments, require_pretrained_text
 from muse.eval.features import extract_features
 from muse.eval.linear_probe import topk_accuracy
+from muse.eval.protocols import ZERO_SHOT, add_protocol_arguments, describe, resolve_protocol
 
 log = logging.getLogger("muse.eval")
+
+DATA_DIR = Path(__file__).parent / "data"
+OPENAI_CLASSES = DATA_DIR / "openai_imagenet_classes.txt"
+OPENAI_TEMPLATES = DATA_DIR / "openai_imagenet_templates.txt"
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -44,15 +51,19 @@ DEFAULT_TEMPLATES = (
 
 
 def read_lines(path: str | Path, what: str) -> list[str]:
+    """The non-empty lines of a file, ``#`` comment lines (the packaged lists' headers) left out."""
     lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise ValueError(f"{what} file {path} is empty")
     return lines
 
 
 def read_templates(path: str | Path | None) -> list[str]:
-    templates = read_lines(path, "templates") if path else list(DEFAULT_TEMPLATES)
+    """Prompt templates from a file, the packaged ``openai`` 80, or (None, ``builtin``) the short set."""
+    if path == "openai":
+        path = OPENAI_TEMPLATES
+    templates = read_lines(path, "templates") if path and path != "builtin" else list(DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise ValueError(f"every template needs a '{{}}' for the class name; these have none: {bad[:3]}")
@@ -75,11 +86,11 @@ def imagenet_class_names(timm_root: str | Path | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def class_embeddings(text_encoder, tokenize, class_names: list[str], templates: list[str],
+def class_embeddings(text_encoder, tokenize, names: list[str], templates: list[str],
                      device: str | torch.device = "cpu") -> torch.Tensor:
     """(classes, embed_dim): per class, the renormalized mean of its prompts' normalized embeddings."""
     rows = []
-    for name in class_names:
+    for name in names:
         tokens = {k: v.to(device) for k, v in tokenize([t.format(name) for t in templates]).items()}
         rows.append(F.normalize(F.normalize(text_encoder(**tokens).float(), dim=-1).mean(0), dim=-1))
     return torch.stack(rows)
@@ -96,40 +107,67 @@ def zero_shot_scores(image_embeds: torch.Tensor, class_embeds: torch.Tensor, lab
             "images": len(labels), "classes": len(class_embeds)}
 
 
+def class_names(source: str) -> list[str]:
+    """``openai`` (the packaged list), ``wordnet`` (timm's lemmas) or a file of names."""
+    if source == "openai":
+        return read_lines(OPENAI_CLASSES, "class names")
+    if source == "wordnet":
+        return imagenet_class_names()
+    return read_lines(source, "class names")
+
+
+def run(args, settings) -> dict:
+    """Zero-shot scores for parsed arguments and resolved settings (what ``main`` and ``table`` run)."""
+    from muse.data import expand_shards
+    from muse.eval.common import load_from_args
+    from muse.eval.transforms import make_pipeline
+    from muse.models import ClipTextEncoder, build_tokenizer
+
+    names = class_names(settings.classes)
+    templates = read_templates(settings.templates)
+    shards = expand_shards(args.shards)
+    model, cfg = load_from_args(args)
+    require_pretrained_text(cfg, args.allow_random_text_encoder, "zero-shot")
+    text_encoder = ClipTextEncoder(cfg.model.text).to(args.device)
+    classes = class_embeddings(text_encoder, build_tokenizer(cfg.model.text), names, templates, args.device)
+    pipeline = make_pipeline(settings.pipeline, cfg.model.image_size, settings.resize, settings.crop)
+    images = extract_features(model, shards, "embeds", batch_size=args.batch_size, max_images=args.max_images,
+                              device=args.device, desc="images", pipeline=pipeline)
+    embeds, labels = images.features, images.labels
+    dropped = 0
+    if settings.drop_label_0:
+        keep = labels != 0
+        embeds, labels, dropped = embeds[keep], labels[keep], int((~keep).sum())
+    report = zero_shot_scores(embeds, classes.cpu(), labels)
+    report.update(templates=len(templates), distinct_class_names=len(set(names)), dropped_label_0=dropped)
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Zero-shot classification with the ITC head and text encoder")
     add_model_arguments(parser)
+    add_text_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern with .cls labels")
-    parser.add_argument("--classes", help="class names, one per line (default: ImageNet-1k's)")
-    parser.add_argument("--templates", help="prompt templates with '{}', one per line (default: built-in)")
     parser.add_argument("--max-images", type=int)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", required=True)
+    add_protocol_arguments(parser, ZERO_SHOT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from muse.data import expand_shards
-    from muse.eval.common import load_tokenizer
-    from muse.models import ClipTextEncoder, build_tokenizer
-
     try:
-        names = read_lines(args.classes, "class names") if args.classes else imagenet_class_names()
-        templates = read_templates(args.templates)
-        shards = expand_shards(args.shards)
-        model, cfg = load_tokenizer(args.config, args.checkpoint, device=args.device)
-        text_encoder = ClipTextEncoder(cfg.model.text).to(args.device)
-        classes = class_embeddings(text_encoder, build_tokenizer(cfg.model.text), names, templates, args.device)
-        images = extract_features(model, shards, "embeds", batch_size=args.batch_size, max_images=args.max_images,
-                                  device=args.device, desc="images")
-        report = zero_shot_scores(images.features, classes.cpu(), images.labels)
+        settings, deviations = resolve_protocol(args, ZERO_SHOT)
+        report = run(args, settings)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
-    report.update(templates=len(templates), config=args.config, checkpoint=args.checkpoint)
+    report.update(describe(args.protocol, settings, deviations), config=args.config, checkpoint=args.checkpoint,
+                  official_checkpoint=args.official_checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "zero_shot.json").write_text(json.dumps(report, indent=1))
-    log.info("zero-shot over %d classes, %d templates: top-1 %.2f%%, top-5 %.2f%% on %d images", len(names),
-             len(templates), 100 * report["top1"], 100 * report["top5"], report["images"])
+    log.info("zero-shot (%s protocol%s) over %d classes, %d templates: top-1 %.2f%%, top-5 %.2f%% on %d images",
+             args.protocol, ", modified" if deviations else "", report["classes"], report["templates"],
+             100 * report["top1"], 100 * report["top5"], report["images"])
     return 0
 
 
