@@ -127,32 +127,34 @@ def saved_names(module: nn.Module) -> dict[str, str]:
 
 # --- InternViT: remote-code names <-> transformers InternVLVisionModel names -------------------------
 
-_REMOTE_TO_HF = [
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
-    (r"^encoder\.layers\.(\d+)\.attn\.q_norm\.", r"encoder.layer.\1.attention.q_norm."),
-    (r"^encoder\.layers\.(\d+)\.attn\.k_norm\.", r"encoder.layer.\1.attention.k_norm."),
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^encoder\.layers\.(\d+)\.ls1$", r"encoder.layer.\1.lambda_1"),
-    (r"^encoder\.layers\.(\d+)\.ls2$", r"encoder.layer.\1.lambda_2"),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+# (remote-code name, transformers name): "{n}" is a layer index; a trailing "." renames a prefix,
+# otherwise the whole key. The fused qkv is split separately.
+_NAMES = [
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+    ("encoder.layers.{n}.attn.proj.", "encoder.layer.{n}.attention.projection_layer."),
+    ("encoder.layers.{n}.attn.q_norm.", "encoder.layer.{n}.attention.q_norm."),
+    ("encoder.layers.{n}.attn.k_norm.", "encoder.layer.{n}.attention.k_norm."),
+    ("encoder.layers.{n}.norm1.", "encoder.layer.{n}.layernorm_before."),
+    ("encoder.layers.{n}.norm2.", "encoder.layer.{n}.layernorm_after."),
+    ("encoder.layers.{n}.ls1", "encoder.layer.{n}.lambda_1"),
+    ("encoder.layers.{n}.ls2", "encoder.layer.{n}.lambda_2"),
+    ("encoder.layers.{n}.mlp.", "encoder.layer.{n}.mlp."),
 ]
-_HF_TO_REMOTE = [
-    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.q_norm\.", r"encoder.layers.\1.attn.q_norm."),
-    (r"^encoder\.layer\.(\d+)\.attention\.k_norm\.", r"encoder.layers.\1.attn.k_norm."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
-    (r"^encoder\.layer\.(\d+)\.lambda_2$", r"encoder.layers.\1.ls2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-]
+
+
+def _table(pairs) -> list[tuple[str, str]]:
+    """(regex, replacement) for renaming keys from the first name of each pair to the second."""
+    table = []
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(r"\{n\}", r"(\d+)") + ("" if source.endswith(".") else "$")
+        table.append((pattern, target.replace("{n}", r"\1")))
+    return table
+
+
+_REMOTE_TO_HF = _table(_NAMES)
+_HF_TO_REMOTE = _table([(hf, remote) for remote, hf in _NAMES])
 _REMOTE_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
 
