@@ -301,7 +301,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
     from tqdm import tqdm
 
-    if main_process and checkpoint is not None:
+    if main_process and resume:  # from scratch (start 0) when no checkpoint was left
         _drop_log_records_after(out_dir / "log.jsonl", start)
     log_file = open(out_dir / "log.jsonl", "a") if main_process else None
     # Off a terminal (CI, nohup, a cluster log) the bar draws nothing: log lines carry the progress.
