@@ -141,3 +141,20 @@ def test_reconstruct_tool_from_shards_and_images(tiny_run, tmp_path, tiny_checkp
     assert muse_eval(["nope"]) == 2
     assert muse_eval(["reconstruct", "--config", "tiny", "--images", str(tmp_path / "missing"),
                       "--out", str(tmp_path)]) == 2
+
+
+def test_official_checkpoint_evaluates_like_ours(tmp_path, tiny_checkpoint):
+    from muse.models.official import to_official_state_dict
+
+    model, _ = load_tokenizer("tiny", str(tiny_checkpoint))
+    with torch.no_grad():  # weights no seeded initialisation reproduces: only loading them can match
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    torch.save(to_official_state_dict(model), tmp_path / "pytorch_model.bin")
+    official, _ = load_tokenizer("tiny", official=str(tmp_path / "pytorch_model.bin"))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours_out, official_out = model.features(images), official.features(images)
+    torch.testing.assert_close(official_out.semantic, ours_out.semantic)
+    torch.testing.assert_close(official.decode(official.encode(images)), model.decode(model.encode(images)))
+    with pytest.raises(ValueError, match="not both"):
+        load_tokenizer("tiny", str(tiny_checkpoint), official=str(tmp_path / "pytorch_model.bin"))
