@@ -22,7 +22,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 from muse.data import ShardStream, Source, collate, expand_shards
 from muse.eval.common import add_model_arguments, add_text_arguments, require_pretrained_text

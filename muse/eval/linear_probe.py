@@ -111,7 +111,8 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
 
 
-def load_feature_sets(args, settings, pooled: bool, pipeline, pipeline_description: dict) -> tuple[FeatureSet, FeatureSet]:
+def load_feature_sets(args, settings, pooled: bool, pipeline,
+                      pipeline_description: dict) -> tuple[FeatureSet, FeatureSet]:
     """The tokenizer of ``args`` and its ``settings.feature`` features over the training and validation
     shards (cached, keyed by everything that determines them)."""
     from muse.data import expand_shards

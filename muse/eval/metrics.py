@@ -58,7 +58,8 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window: int = 11) -
     return value.flatten(1).mean(1)
 
 
-def ssim_uniform(reconstruction: torch.Tensor, target: torch.Tensor, data_range: float, window: int = 7) -> torch.Tensor:
+def ssim_uniform(reconstruction: torch.Tensor, target: torch.Tensor, data_range: float,
+                 window: int = 7) -> torch.Tensor:
     """scikit-image's ``structural_similarity(..., channel_axis=-1, data_range=data_range)`` of [0, 1]
     images (B, 3, H, W): ``window``² uniform filter, sample covariance (× N/(N−1)), K1 0.01, K2 0.03,
     the mean over the positions whose window lies inside the image and over channels; one value per

@@ -126,7 +126,8 @@ def seg_probe(train: FeatureSet, val: FeatureSet, settings=SEG_PROBE["official"]
 
     def evaluate(model):
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for tokens, labels in zip(val.features.split(settings.probe_batch_size), val.seg.split(settings.probe_batch_size)):
+        size = settings.probe_batch_size
+        for tokens, labels in zip(val.features.split(size), val.seg.split(size)):
             prediction = model(tokens.to(device)).argmax(1).cpu()
             confusion += confusion_matrix(prediction, labels, num_classes, ignore_index)
         return scores_from_confusion(confusion, ignore_index, settings.miou_over)

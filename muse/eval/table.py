@@ -159,7 +159,8 @@ def markdown(results: dict, label: str, protocol: str) -> str:
             notes.append(f"- {tool}: not measured ({report['skipped']})")
         else:
             changed = report.get("deviations") or {}
-            left_out = ", rFID and IS not measured (--skip fid)" if tool == "recon-metrics" and "rfid" not in report else ""
+            no_fid = tool == "recon-metrics" and "rfid" not in report
+            left_out = ", rFID and IS not measured (--skip fid)" if no_fid else ""
             notes.append(f"- {tool}: {protocol} protocol" + (f", changed: {changed}" if changed else "") + left_out)
     return "\n".join([header, rule, paper, ours, *notes]) + "\n"
 
@@ -171,12 +172,14 @@ def main(argv=None) -> int:
     add_text_arguments(parser)
     parser.add_argument("--data", help="folder with imagenet-train/, imagenet-val/, ade20k-train/, ade20k-val/ shards")
     for split, folder in DATA:
-        parser.add_argument(f"--{folder}", dest=split, help=f"shard pattern of {folder} (default: --data/{folder}/*.tar)")
+        parser.add_argument(f"--{folder}", dest=split,
+                            help=f"shard pattern of {folder} (default: --data/{folder}/*.tar)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="official")
     parser.add_argument("--set", action="append", default=[], metavar="TOOL.SETTING=VALUE",
                         help="change one setting of one tool's protocol (repeatable)")
     parser.add_argument("--inception-weights", default=os.environ.get("MUSE_INCEPTION_WEIGHTS"),
-                        help="the FID Inception's pt_inception-2015-12-05-6726825d.pth (default: $MUSE_INCEPTION_WEIGHTS)")
+                        help="the FID Inception's pt_inception-2015-12-05-6726825d.pth "
+                             "(default: $MUSE_INCEPTION_WEIGHTS)")
     parser.add_argument("--skip", action="append", choices=("fid",), default=[], help="fid: no rFID / IS")
     parser.add_argument("--max-images", type=int, help="at most this many validation images per metric")
     parser.add_argument("--max-train", type=int, help="at most this many training images per probe")
@@ -203,8 +206,9 @@ def main(argv=None) -> int:
     label = args.label or (Path(weights).name if weights else args.config)
     text = markdown(results, label, args.protocol)
     (out / "table.md").write_text(text)
-    (out / "table.json").write_text(json.dumps({"paper": PAPER, "config": args.config, "checkpoint": args.checkpoint,
-                                                "official_checkpoint": args.official_checkpoint, "protocol": args.protocol, "results": results}, indent=1))
+    record = {"paper": PAPER, "config": args.config, "checkpoint": args.checkpoint,
+              "official_checkpoint": args.official_checkpoint, "protocol": args.protocol, "results": results}
+    (out / "table.json").write_text(json.dumps(record, indent=1))
     print(text)
     return 0
 

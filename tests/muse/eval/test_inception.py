@@ -45,10 +45,12 @@ def test_loading_errors_name_the_problem(tmp_path):
         load_fid_inception(tmp_path / "missing.pth")
     # torchvision's 1000-class head instead of the FID graph's 1008.
     torch.save({"fc.weight": torch.zeros(1000, 2048)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"do not fit the FID InceptionV3.*fc.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"do not fit the FID InceptionV3.*fc.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
         load_fid_inception(tmp_path / "bad.pth")
     torch.save({"AuxLogits.fc.weight": torch.zeros(1000, 768)}, tmp_path / "extra.pth")
-    with pytest.raises(ValueError, match=rf"{len(CONVS) * 5 + 2} missing: Conv2d_1a_3x3.conv.weight.*; 1 unexpected: AuxLogits.fc.weight"):
+    with pytest.raises(ValueError,
+                       match=rf"{len(CONVS) * 5 + 2} missing: Conv2d_1a_3x3.conv.weight.*; 1 unexpected: AuxLogits"):
         load_fid_inception(tmp_path / "extra.pth")
 
 

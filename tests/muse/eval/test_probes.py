@@ -41,7 +41,8 @@ def test_topk_accuracy_by_hand():
 
 def test_official_linear_probe_settings_are_the_official_scripts():
     assert (OFFICIAL_LP.resize, OFFICIAL_LP.crop, OFFICIAL_LP.feature) == (256, 224, "semantic")
-    assert (OFFICIAL_LP.optimizer, OFFICIAL_LP.nesterov, OFFICIAL_LP.momentum, OFFICIAL_LP.lr) == ("sgd", True, 0.9, 0.1)
+    assert (OFFICIAL_LP.optimizer, OFFICIAL_LP.nesterov, OFFICIAL_LP.momentum) == ("sgd", True, 0.9)
+    assert OFFICIAL_LP.lr == 0.1 and OFFICIAL_LP.weight_decay == 0.0 and OFFICIAL_LP.l2_normalize
     assert (OFFICIAL_LP.probe_batch_size, OFFICIAL_LP.epochs, OFFICIAL_LP.schedule) == (4096, 100, "cosine_per_epoch")
     assert (OFFICIAL_LP.eval_every, OFFICIAL_LP.select, OFFICIAL_LP.num_classes) == (5, "best", 1000)
     seg = SEG_PROBE["official"]
@@ -62,7 +63,8 @@ def test_batchnorm_head_is_affine_free_and_normalizes_by_the_batch():
     head.train()
     out = head(features)
     # By hand: column 0 has mean 3, biased variance 8/3; column 1 mean 12, variance 8.
-    expected = torch.stack([(features[:, 0] - 3) / math.sqrt(8 / 3 + 1e-6), (features[:, 1] - 12) / math.sqrt(8 + 1e-6)], 1)
+    expected = torch.stack([(features[:, 0] - 3) / math.sqrt(8 / 3 + 1e-6),
+                            (features[:, 1] - 12) / math.sqrt(8 + 1e-6)], 1)
     torch.testing.assert_close(out, expected)
     # Running statistics moved 10 % towards the batch's (unbiased variance for the running one).
     torch.testing.assert_close(norm.running_mean, torch.tensor([0.3, 1.2]))
@@ -390,9 +392,10 @@ def test_probe_tools_report_bad_input(labelled_run, tmp_path, tiny_checkpoint):
     write_shards(({"image": np.zeros((32, 32, 3), np.uint8), "caption": ""} for _ in range(2)), unlabelled)
     args = ["--train-shards", str(unlabelled / "*.tar"), "--val-shards", str(root / "val" / "*.tar"), "--epochs", "1"]
     assert muse_eval(_common(tiny_checkpoint, "linear-probe", *args, *TINY_CROP, "--out", str(tmp_path / "l"))) == 2
-    assert muse_eval(_common(tiny_checkpoint, "seg-probe", *args, "--input-size", "64", "--out", str(tmp_path / "s"))) == 2
-    assert muse_eval(_common(tiny_checkpoint, "linear-probe", "--train-shards", str(tmp_path / "none*.tar"), "--val-shards",
-                             str(root / "val" / "*.tar"), "--out", str(tmp_path / "n"))) == 2
+    assert muse_eval(_common(tiny_checkpoint, "seg-probe", *args, "--input-size", "64",
+                             "--out", str(tmp_path / "s"))) == 2
+    assert muse_eval(_common(tiny_checkpoint, "linear-probe", "--train-shards", str(tmp_path / "none*.tar"),
+                             "--val-shards", str(root / "val" / "*.tar"), "--out", str(tmp_path / "n"))) == 2
     assert muse_eval(_common(tiny_checkpoint, "linear-probe", *_shards(root), "--feature", "pixels",
                              "--out", str(tmp_path / "k"))) == 2
     assert not any((tmp_path / d).exists() for d in ("l", "s", "n", "k"))

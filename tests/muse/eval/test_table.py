@@ -42,7 +42,8 @@ def test_table_row_beside_the_papers(data, tmp_path, tiny_checkpoint):
     assert muse_eval([*args, "--out", str(tmp_path / "a")]) == 0
     text = (tmp_path / "a" / "table.md").read_text()
     lines = text.splitlines()
-    assert lines[0].startswith("| | rFID") and lines[2] == "| paper (MUSE-1B, Table 1) | 0.62 | 24.9 | 0.78 | 76.1 | 85.2 | 46.5 |"
+    assert lines[0].startswith("| | rFID")
+    assert lines[2] == "| paper (MUSE-1B, Table 1) | 0.62 | 24.9 | 0.78 | 76.1 | 85.2 | 46.5 |"
     cells = [c.strip() for c in lines[3].strip("|").split("|")]
     assert cells[0] == "run (official protocol)" and cells[1] == "—"  # rFID skipped
     assert all(c != "—" for c in cells[2:]) and "(correct:" in cells[3]
@@ -64,12 +65,13 @@ def test_table_leaves_out_what_has_no_data(data, tmp_path, tiny_checkpoint):
     assert "seg-probe: not measured (no ade20k-train / ade20k-val shards)" in text
     assert "zero-shot: not measured (zero-shot: model.text.pretrained is not set" in text
     assert muse_eval(["table", "--config", "tiny", "--out", str(tmp_path / "none")]) == 2
-    assert muse_eval(["table", "--config", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 2
+    empty = ["table", "--config", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]
+    assert muse_eval(empty) == 2
 
 
 def test_overrides_are_typed_and_checked():
-    chosen = parse_overrides(["seg-probe.input_size=64", "linear-probe.l2-normalize=false", "recon-metrics.round_8bit=0"],
-                             "official")
+    chosen = parse_overrides(["seg-probe.input_size=64", "linear-probe.l2-normalize=false",
+                              "recon-metrics.round_8bit=0"], "official")
     assert chosen["seg-probe"][0].input_size == 64 and chosen["seg-probe"][1] == {"input_size": 64}
     assert chosen["linear-probe"][0].l2_normalize is False and chosen["recon-metrics"][0].round_8bit is False
     assert chosen["zero-shot"][1] == {}
