@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -140,8 +141,10 @@ def _last_dim_contiguous(*tensors: torch.Tensor | None):
 def _check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    # numbers.Real admits numpy scalars (np.float32 is not a float); a tensor or a string is not a scale.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number (a Python or numpy scalar), got {scale!r} "
+                         f"of type {type(scale).__name__}")
     return float(scale)
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +40,12 @@ def interpolation_matrix(source_hw: tuple[int, int], target_hw: tuple[int, int],
 
 
 def _grid(value, name: str) -> tuple[int, int]:
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)):
+    # numbers.Integral admits numpy integers; a torch.Size or a numpy array of two works as a pair.
+    pair = tuple(value) if isinstance(value, (tuple, list, torch.Size, np.ndarray)) else None
+    if (pair is None or len(pair) != 2
+            or not all(isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) and x >= 1 for x in pair)):
         raise ValueError(f"{name} must be a pair of positive ints (h, w), got {value!r}")
-    return int(value[0]), int(value[1])
+    return int(pair[0]), int(pair[1])
 
 
 def resize_attention_4d(attn: torch.Tensor, target_hw, source_hw=None) -> torch.Tensor:
