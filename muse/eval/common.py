@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from muse.config import Config, load_config
-from muse.training.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
+from muse.training.checkpoint import check_config, latest_checkpoint, load_checkpoint, load_model_weights
 
 if TYPE_CHECKING:
     from muse.models import MuseTokenizer
@@ -23,8 +23,36 @@ def add_model_arguments(parser) -> None:
     weights.add_argument("--official-checkpoint",
                          help="an official MUSE checkpoint (the released MUSE-1B model.safetensors, an "
                               "ema_model/pytorch_model.bin or its checkpoint folder), loaded strictly")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the tokenizer runs (default: cuda when available)")
+
+
+def device_argument(value: str) -> str:
+    """--device: a torch device that exists here (``cuda`` without a visible GPU is refused by name)."""
+    import argparse
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is visible on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An argparse type for counts that must be at least 1 (``--max-images 0`` would evaluate nothing)."""
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def add_text_arguments(parser) -> None:
@@ -65,7 +93,8 @@ def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "e
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     from muse.models import MuseTokenizer  # imported on use: `--help` stays fast
 
-    cfg = load_config(config, overrides)
+    # Evaluation never trains: only the model's checkpoint folders must exist.
+    cfg = load_config(config, overrides, env_sections=("model",))
     # Whatever a checkpoint does not cover (everything, without one) starts from the config's seed:
     # two evaluations of the same weights give the same numbers.
     torch.manual_seed(cfg.train.seed)
@@ -75,6 +104,7 @@ def load_tokenizer(config: str, checkpoint: str | None = None, weights: str = "e
         state = load_checkpoint(file)
         if weights not in state:
             raise ValueError(f"checkpoint {file} has no {weights!r} weights (keys: {sorted(state)})")
+        check_config(state, cfg, f"checkpoint {file}")
         load_model_weights(model, state[weights], f"checkpoint {file}")
     if official is not None:
         model.load_official_checkpoint(official)

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 
-from muse.data import ShardStream, Source, collate, expand_shards
-from muse.eval.common import add_model_arguments, add_text_arguments, require_pretrained_text
+from muse.data import DataError, ShardStream, Source, collate, expand_shards
+from muse.eval.common import add_model_arguments, add_text_arguments, positive_int, require_pretrained_text
 from muse.losses import reconstruction_loss
 from muse.models import ClipTextEncoder, MuseTokenizer, build_tokenizer
 from muse.training.analysis import gradient_cosines
@@ -115,8 +115,8 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     add_text_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -126,12 +126,12 @@ def main(argv=None) -> int:
         model, cfg = load_from_args(args)
         require_pretrained_text(cfg, args.allow_random_text_encoder, "grad-orthogonality")
         shards = expand_shards(args.shards)
-    except (FileNotFoundError, ValueError) as err:
+        stream = ShardStream([Source(shards)], cfg.model.image_size, seed=0, train=False)
+        samples = iter(stream)
+        batches = [collate(list(itertools.islice(samples, args.batch_size))) for _ in range(args.batches)]
+    except (FileNotFoundError, ValueError, DataError) as err:  # DataError: shards with nothing readable
         log.error("%s", err)
         return 2
-    stream = ShardStream([Source(shards)], cfg.model.image_size, seed=0, train=False)
-    samples = iter(stream)
-    batches = [collate(list(itertools.islice(samples, args.batch_size))) for _ in range(args.batches)]
     text_encoder = ClipTextEncoder(cfg.model.text).to(args.device)
     rows = summarize(measure(model.train(), batches, text_encoder, build_tokenizer(cfg.model.text)))
     out = Path(args.out)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from muse.eval.common import add_model_arguments
+from muse.eval.common import add_model_arguments, positive_int
 from muse.eval.metrics import (GaussianStatistics, InceptionScoreStatistics, frechet_distance, psnr_unit, ssim,
                                ssim_uniform)
 from muse.eval.protocols import RECON, add_protocol_arguments, describe, resolve_protocol
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Reconstruction metrics: PSNR, SSIM, rFID, Inception Score")
     add_model_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern of evaluation images")
-    parser.add_argument("--max-images", type=int, help="default: every image in the shards")
+    parser.add_argument("--max-images", type=positive_int, help="default: every image in the shards")
     parser.add_argument("--batch-size", type=int, default=32)
     add_recon_arguments(parser)
     parser.add_argument("--out", required=True)

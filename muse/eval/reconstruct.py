@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from muse.data import expand_shards, list_images, preprocess, read_once
-from muse.eval.common import add_model_arguments
+from muse.eval.common import add_model_arguments, positive_int
 from muse.eval.metrics import psnr, ssim
 from muse.training.analysis import to_uint8
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="an image file or a folder of images")
     source.add_argument("--shards", help="a shard pattern")
-    parser.add_argument("--max-images", type=int, default=1000)
+    parser.add_argument("--max-images", type=positive_int, default=1000)
     parser.add_argument("--metrics", action="store_true", help="write metrics.json")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

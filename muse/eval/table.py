@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from muse.eval.common import add_model_arguments, add_text_arguments
+from muse.eval.common import add_model_arguments, add_text_arguments, positive_int
 from muse.eval.protocols import LINEAR_PROBE, PROTOCOLS, RECON, SEG_PROBE, ZERO_SHOT, describe
 
 log = logging.getLogger("muse.eval")
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                         help="the FID Inception's pt_inception-2015-12-05-6726825d.pth "
                              "(default: $MUSE_INCEPTION_WEIGHTS)")
     parser.add_argument("--skip", action="append", choices=("fid",), default=[], help="fid: no rFID / IS")
-    parser.add_argument("--max-images", type=int, help="at most this many validation images per metric")
+    parser.add_argument("--max-images", type=positive_int, help="at most this many validation images per metric")
     parser.add_argument("--max-train", type=int, help="at most this many training images per probe")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model batch")
     parser.add_argument("--cache", help="folder for the probes' cached features")

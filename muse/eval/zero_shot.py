@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muse.eval.common import add_model_arguments, add_text_arguments, require_pretrained_text
+from muse.eval.common import add_model_arguments, add_text_arguments, positive_int, require_pretrained_text
 from muse.eval.features import extract_features
 from muse.eval.linear_probe import topk_accuracy
 from muse.eval.protocols import ZERO_SHOT, add_protocol_arguments, describe, resolve_protocol
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     add_text_arguments(parser)
     parser.add_argument("--shards", required=True, help="shard pattern with .cls labels")
-    parser.add_argument("--max-images", type=int)
+    parser.add_argument("--max-images", type=positive_int)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", required=True)
     add_protocol_arguments(parser, ZERO_SHOT)
