@@ -11,10 +11,7 @@ loss) → clipped AdamW step → EMA → discriminator step (stage 3) → logs a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,91 +28,18 @@ from muse.models.discriminator import NLayerDiscriminator, load_official_discrim
 from muse.models.official import is_official_checkpoint
 from muse.models.perceptual import PerceptualLoss, build_perceptual_loss
 from muse.training.checkpoint import (FROZEN_PREFIXES, CheckpointError, ConfigMismatch, check_config,
-                                      config_record, list_checkpoints, load_checkpoint, load_model_weights,
+                                      config_record, load_checkpoint, load_model_weights,
                                       load_newest_readable, rng_state, save_checkpoint, set_rng_state)
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
+from muse.training.loop import (RunFolderInUse, TooManyBadSteps, autocast_for, claim_run_folder,
+                                 drop_log_records_after, finite_on_every_rank, format_eta, open_tensorboard,
+                                 setup_distributed, write_record)
 from muse.training.optim import (build_discriminator_optimizer, build_optimizer, discriminator_schedule, lr_at,
                                  set_lr)
 from muse.training.stages import configure_stage
 
 log = logging.getLogger("muse.train")
-
-
-class TooManyBadSteps(RuntimeError):
-    pass
-
-
-class RunFolderInUse(RuntimeError):
-    """A fresh run was pointed at a folder that holds another run."""
-
-
-def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool, main_process: bool,
-                     wait_for_ranks=lambda: None) -> None:
-    """A run folder belongs to one run: a fresh run into a non-empty folder would overwrite its
-    same-numbered checkpoints, prune its own, append to its log and report its last checkpoint.
-    ``resume`` continues the run there; ``overwrite`` moves the old folder aside (``<name>.old-<time>``).
-    Every rank looks at the folder (``wait_for_ranks``: a barrier) before rank 0 changes it."""
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunFolderInUse(f"train.out_dir {out_dir} is a file, not a folder")
-    contents = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if contents and not resume:
-        if not overwrite:
-            checkpoints = list_checkpoints(out_dir)
-            held = (f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1].name}" if checkpoints
-                    else ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else ""))
-            raise RunFolderInUse(f"train.out_dir {out_dir} already holds a run ({held}): a fresh run would mix "
-                                 "with it. Pass --resume to continue it, --overwrite to start over (the old files "
-                                 "are moved aside), or choose another train.out_dir")
-    wait_for_ranks()
-    if contents and not resume and main_process:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
-        number = 1
-        while aside.exists():
-            aside, number = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{number}"), number + 1
-        out_dir.rename(aside)
-        log.warning("--overwrite: moved the previous run in %s aside to %s", out_dir, aside)
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _drop_log_records_after(log_path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: their first records would be logged twice."""
-    if not log_path.exists():
-        return
-    lines = log_path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        log_path.write_text("".join(kept))
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext(), False
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
 
 
 def build_loader(cfg: Config, rank: int, world: int, positions: dict[int, dict], start_step: int = 0):
@@ -175,15 +99,6 @@ def init_from_previous_stage(model: MuseTokenizer, path: str, cfg: Config) -> No
     check_config(state, cfg, f"train.init_weight {file}", purpose="init")
     load_model_weights(model, state["ema"], f"train.init_weight {file}")
     log.info("initialised from the EMA weights of %s", file)
-
-
-def open_tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: scalars go to log.jsonl only (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def orthogonality(model: MuseTokenizer, loss_fn: MuseLoss, images, text_embeds, autocast) -> dict[str, float]:
@@ -302,7 +217,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     from tqdm import tqdm
 
     if main_process and resume:  # from scratch (start 0) when no checkpoint was left
-        _drop_log_records_after(out_dir / "log.jsonl", start)
+        drop_log_records_after(out_dir / "log.jsonl", start)
     log_file = open(out_dir / "log.jsonl", "a") if main_process else None
     # Off a terminal (CI, nohup, a cluster log) the bar draws nothing: log lines carry the progress.
     log_progress = main_process and not sys.stderr.isatty()
@@ -327,10 +242,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             with autocast:
                 out = ddp_model(images, text_embeds=text_embeds)
                 loss, terms = loss_fn(out, images, text_embeds, adversarial=adversarial)
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+            if not finite_on_every_rank(loss, world):
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 optimizer.zero_grad(set_to_none=True)
                 log.warning("step %d: non-finite loss (%s), step skipped (%d in a row)", step,
@@ -381,18 +293,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 if tc.ortho_every and (done % tc.ortho_every == 0 or done == tc.steps):
                     record |= {f"cos/{k}": v for k, v in
                                orthogonality(model, loss_fn, images, text_embeds, autocast).items()}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(key, value, done)
+                write_record(record, log_file, writer)
                 history.append(record)
                 progress.set_postfix(loss=f"{record['total']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 if log_progress:
                     remaining = elapsed / (done - start) * (tc.steps - done)
                     log.info("step %d/%d: %.1f img/s, %s; ETA %s", done, tc.steps, record["img_per_s"],
-                             ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()), _eta(remaining))
+                             ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items()), format_eta(remaining))
             if main_process and tc.image_every and (done % tc.image_every == 0 or done == tc.steps):
                 save_pictures(model, images, text_embeds, out_dir / "images", done)
             if done % tc.ckpt_every == 0 or done == tc.steps:
