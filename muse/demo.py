@@ -163,8 +163,10 @@ def main(argv=None) -> int:
                      f"train.ortho_every={steps}", f"train.init_weight={previous if previous else 'null'}"]
         if stage == 3:
             # The official GAN weight (0.5 from step 0) lets a fresh discriminator overpower a 32-pixel
-            # generator within a few dozen steps (PSNR 18.2 → 13.5 dB measured): the demo uses 0.05.
-            overrides.append("loss.gan=0.05")
+            # generator within a few dozen steps. Stage-3 PSNR after 80 steps from the same stage-2
+            # weights (18.8 dB), measured: GAN 0.05 → 15.0, 0.01 → 17.9, 0.002 → 18.7, none → 18.9.
+            # The demo keeps the adversarial term at 0.002: it trades a little PSNR for realism.
+            overrides.append("loss.gan=0.002")
         start = measure(model, images, text_embeds)
         result = train(load_config(f"tiny/stage{stage}", overrides), overwrite=True)
         previous = result["out_dir"]
