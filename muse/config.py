@@ -443,7 +443,9 @@ def _set_path(data: dict, item: str) -> None:
 
 
 def shipped_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    # configs/gen/ holds the generator's configs (muse.gen.config), another family.
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+                  if p.relative_to(CONFIG_DIR).parts[0] != "gen")
 
 
 def _merge(base: dict, update: dict) -> dict:

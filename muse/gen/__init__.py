@@ -1,0 +1,1 @@
+"""Generation on MUSE latents: latent extraction, a SANA flow-matching generator, sampling, training, gFID."""
