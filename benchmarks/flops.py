@@ -3,6 +3,7 @@
     python -m benchmarks.flops                                   # muse_1b/stage{1,2,3}, B=32, 224², H100
     python -m benchmarks.flops --image-size 448 --gpu h200 --json flops.json
     python -m benchmarks.flops --config tiny/stage2 --batch 4 --image-size 32 --stages 2
+    python -m benchmarks.flops --image-size 448 model.supervise=all model.topo_reduction=per_head
 
 The step is the trainer's (``muse/train.py``), built from the real classes with random weights: the
 tokenizer, its losses as the trainer builds them, the CLIP text encoder, the optimizers and the EMA.
@@ -335,19 +336,19 @@ def _stage_config_name(config: str, stage: int) -> str:
     return f"{match.group(1)}/stage{stage}" if match else config
 
 
-def load_stage_config(config: str, stage: int, batch: int, image_size: int):
+def load_stage_config(config: str, stage: int, batch: int, image_size: int, overrides: list[str] = ()):
     """The stage's config of ``config``'s family (``muse_1b/stage2`` → ``muse_1b/stage{stage}``; any
     other name or path is used for every stage with ``train.stage`` set), every pretrained part
-    random (nothing is read) and the input checks off (they read pixel values)."""
+    random (nothing is read) and the input checks off (they read pixel values), then ``overrides``."""
     from muse.config import load_config
 
     name = _stage_config_name(config, stage)
-    overrides = [f"model.{part}.pretrained=null" for part in PARTS]
-    overrides += [f"model.{part}.random_init=true" for part in PARTS]
-    overrides += ["model.check_inputs=false", f"model.image_size={image_size}", f"data.batch_size={batch}",
+    fixed = [f"model.{part}.pretrained=null" for part in PARTS]
+    fixed += [f"model.{part}.random_init=true" for part in PARTS]
+    fixed += ["model.check_inputs=false", f"model.image_size={image_size}", f"data.batch_size={batch}",
                   f"train.stage={stage}", "loss.vgg16_weights=null", "loss.convnext_weights=null",
                   "loss.disc_init=null", "train.init_weight=null"]
-    return load_config(name, overrides, env_sections=("model",))
+    return load_config(name, fixed + list(overrides), env_sections=("model",))
 
 
 def _build_on_meta(cfg):
@@ -460,7 +461,7 @@ class Counting:
 
 
 def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224, tf32_matmul: bool = False,
-                corrected: bool = True, cross_check: bool = False) -> StageCount:
+                corrected: bool = True, cross_check: bool = False, overrides: list[str] = ()) -> StageCount:
     """One training step of ``stage`` as ``muse/train.py`` runs it, counted (``Counting``) on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -470,7 +471,7 @@ def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224,
     from muse.training.stages import configure_stage
     from muse.train import autocast_for
 
-    cfg = load_stage_config(config, stage, batch, image_size)
+    cfg = load_stage_config(config, stage, batch, image_size, overrides)
     model, loss_fn, discriminator, text_encoder, tokenize = _build_on_meta(cfg)
     oc = cfg.optim
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
@@ -616,6 +617,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tf32-matmul", action="store_true",
                         help="count fp32 matmuls at the TF32 peak (torch.backends.cuda.matmul.allow_tf32=True)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value (model.supervise=all)")
     args = parser.parse_args(argv)
     for name in ("batch", "image_size", "peak_tflops", "tf32_tflops", "fp32_tflops", "bandwidth_tbps"):
         value = getattr(args, name)
@@ -629,7 +631,8 @@ def main(argv=None) -> int:
     for stage in sorted(set(args.stages)):
         started = time.perf_counter()
         try:
-            count = count_stage(args.config, stage, args.batch, args.image_size, tf32_matmul=args.tf32_matmul)
+            count = count_stage(args.config, stage, args.batch, args.image_size, tf32_matmul=args.tf32_matmul,
+                                overrides=args.overrides)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -643,7 +646,8 @@ def main(argv=None) -> int:
                              mm="TF32" if args.tf32_matmul else "FP32 (allow_tf32 off)"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"hardware": asdict(hw), "tf32_matmul": args.tf32_matmul, "stages": reports,
+            json.dump({"hardware": asdict(hw), "tf32_matmul": args.tf32_matmul, "overrides": args.overrides,
+                       "stages": reports,
                        "assumptions": ASSUMPTIONS.splitlines()}, f, indent=2)
     return 0
 
