@@ -7,7 +7,7 @@ import sys
 
 TOOLS = {"reconstruct": "reconstruct", "recon-metrics": "recon_metrics", "linear-probe": "linear_probe",
          "zero-shot": "zero_shot", "seg-probe": "seg_probe", "attention-maps": "attention_maps",
-         "grad-orthogonality": "grad_orthogonality", "table": "table"}
+         "grad-orthogonality": "grad_orthogonality", "table": "table", "gfid": "muse.gen.gfid"}
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in TOOLS:
         print(usage if not argv else f"{usage}\nmuse-eval: unknown tool {argv[0]!r}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"muse.eval.{TOOLS[argv[0]]}")
+    name = TOOLS[argv[0]]  # a tool of another package is named by its full module path
+    module = importlib.import_module(name if "." in name else f"muse.eval.{name}")
     return module.main(argv[1:])
 
 
