@@ -3,7 +3,7 @@
     python -m benchmarks.flops                                   # muse_1b/stage{1,2,3}, B=32, 224², H100
     python -m benchmarks.flops --image-size 448 --gpu h200 --json flops.json
     python -m benchmarks.flops --config tiny/stage2 --batch 4 --image-size 32 --stages 2
-    python -m benchmarks.flops --image-size 448 model.supervise=all model.topo_reduction=per_head
+    python -m benchmarks.flops --image-size 448 --set model.supervise=all model.topo_reduction=per_head
 
 The step is the trainer's (``muse/train.py``), built from the real classes with random weights: the
 tokenizer, its losses as the trainer builds them, the CLIP text encoder, the optimizers and the EMA.
@@ -291,6 +291,7 @@ class TrafficCounter(TorchDispatchMode):
         self.tallies: dict[str, Tally] = defaultdict(Tally)  # component (and GLOBAL) → its work
         # Ops whose running scopes fall in more than one component (each gets the op): should be none.
         self.overlapping_ops = 0
+        self.ops: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])  # (component, op) → bytes, FLOPs
         self._components: dict[frozenset, tuple[str, ...]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -314,6 +315,9 @@ class TrafficCounter(TorchDispatchMode):
             components = self._components[scopes] = components_of(scopes)
         self.overlapping_ops += len(components) > 1
         for name in (GLOBAL, *components):
+            op = self.ops[(name, packet.__name__)]
+            op[0] += nbytes
+            op[1] += flops
             tally = self.tallies[name]
             tally.bytes[phase] += nbytes
             if flops:
@@ -396,6 +400,7 @@ class StageCount:
     flop_counter_total: float | None
     trainable_parameters: int
     overlapping_ops: int
+    top_ops: dict[str, list[dict]]
 
 
 class _Scope:
@@ -450,6 +455,12 @@ class Counting:
     def flop_counter_total(self) -> float | None:
         return self.flops.get_total_flops() if self.cross_check else None
 
+    def top_ops(self, component: str, count: int = 8) -> list[dict]:
+        """The aten ops that move the most bytes in ``component`` (or GLOBAL), with their FLOPs."""
+        rows = [(op, b, f) for (name, op), (b, f) in self.counter.ops.items() if name == component]
+        rows.sort(key=lambda row: -row[1])
+        return [{"op": op, "gb": b / 1e9, "tflop": f / 1e12} for op, b, f in rows[:count]]
+
     def components(self) -> dict[str, Tally]:
         """Every component's work, and ``other``: the total's work outside them."""
         components = {name: self.counter.tallies.get(name, Tally()) for name in COMPONENTS}
@@ -458,6 +469,14 @@ class Counting:
         for tally in components.values():
             other.subtract(tally)
         return components | {OTHER: other}
+
+
+def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224, tf32_matmul: bool = False,
@@ -494,6 +513,10 @@ def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224,
         for opt in (optimizer, disc_optimizer):
             for group in (opt.param_groups if opt is not None else ()):
                 group["foreach"] = True
+        # A step of a running training: AdamW's state exists already (its first step allocates it).
+        for opt in (optimizer, disc_optimizer):
+            if opt is not None:
+                _initialise_state(opt)
         ema = EMA(model, cfg.train.ema_decay, skip_prefixes=FROZEN_PREFIXES, warmup=cfg.train.ema_warmup)
         images = torch.empty(batch, 3, image_size, image_size)
         tokens = tokenize(["a photo of an object"] * batch) if tokenize is not None else None
@@ -523,7 +546,8 @@ def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224,
                     disc_optimizer.zero_grad(set_to_none=True)
     del trainable
     return StageCount(stage, _stage_config_name(config, stage), batch, image_size, counting.components(),
-                      counting.total, counting.flop_counter_total, trainable_numel, counting.overlapping_ops)
+                      counting.total, counting.flop_counter_total, trainable_numel, counting.overlapping_ops,
+                      {name: counting.top_ops(name) for name in (*COMPONENTS, GLOBAL)})
 
 
 # ------------------------------------------------------------------------------- roofline and output
@@ -551,7 +575,8 @@ def stage_report(count: StageCount, hw: Hardware) -> dict:
     return {"stage": count.stage, "config": count.config, "batch": count.batch, "image_size": count.image_size,
             "trainable_parameters": count.trainable_parameters, "components": rows, "total": total,
             "flop_counter_total_tflop": (None if count.flop_counter_total is None
-                                         else count.flop_counter_total / 1e12), "overlapping_ops": count.overlapping_ops}
+                                         else count.flop_counter_total / 1e12), "overlapping_ops": count.overlapping_ops,
+            "top_ops_by_bytes": count.top_ops}
 
 
 def _fmt_flop(tflop: float) -> str:
@@ -572,6 +597,14 @@ def format_stage(report: dict) -> str:
         lines.append(f"  {name:<14}{row['passes']:<9}{_fmt_flop(row['tflop']):>15}{bf16:>7.0f}%{row['gb']:>9.1f}"
                      f"{row['compute_ms']:>12.2f}{row['memory_ms']:>11.2f}{row['roofline_ms']:>13.2f}  "
                      f"{bound:<9}{COMPONENT_NOTES.get(name, '')}")
+    return "\n".join(lines)
+
+
+def format_top_ops(report: dict) -> str:
+    lines = [f"stage {report['stage']}: aten ops moving the most bytes, per component (GB, TFLOP)"]
+    for name, ops in report["top_ops_by_bytes"].items():
+        if ops:
+            lines.append(f"  {name:<14}" + ", ".join(f"{o['op']} {o['gb']:.1f}/{o['tflop']:.2f}" for o in ops[:6]))
     return "\n".join(lines)
 
 
@@ -617,7 +650,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tf32-matmul", action="store_true",
                         help="count fp32 matmuls at the TF32 peak (torch.backends.cuda.matmul.allow_tf32=True)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value (model.supervise=all)")
+    parser.add_argument("--top-ops", action="store_true", help="print each component's aten ops moving the most bytes")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, key.sub=value (e.g. --set model.supervise=all)")
     args = parser.parse_args(argv)
     for name in ("batch", "image_size", "peak_tflops", "tf32_tflops", "fp32_tflops", "bandwidth_tbps"):
         value = getattr(args, name)
@@ -640,6 +675,8 @@ def main(argv=None) -> int:
         report["counted_in_s"] = time.perf_counter() - started
         reports.append(report)
         print(format_stage(report) + "\n")
+        if args.top_ops:
+            print(format_top_ops(report) + "\n")
     if len(reports) > 1:
         print(format_summary(reports) + "\n")
     print(ASSUMPTIONS.format(bf16=hw.bf16_tflops, bw=hw.bandwidth_tbps, tf32=hw.tf32_tflops, fp32=hw.fp32_tflops,

@@ -159,7 +159,7 @@ FAST = ["loss.convnext_weight=0"]
 def test_tool_on_the_tiny_config(tmp_path):
     out = tmp_path / "flops.json"
     args = ["--config", "tiny/stage1", "--batch", "2", "--image-size", "32", "--stages", "1", "3", "--json", str(out)]
-    assert F.main([*args, *FAST]) == 0
+    assert F.main([*args, "--set", *FAST]) == 0
     data = json.loads(out.read_text())
     stages = {s["stage"]: s for s in data["stages"]}
     assert sorted(stages) == [1, 3] and data["hardware"]["bandwidth_tbps"] == 3.0 and data["overrides"] == FAST
