@@ -10,7 +10,7 @@ ifeq ($(HAS_GPU),0)
   TEST_ENV := TRITON_INTERPRET=1
 endif
 
-.PHONY: venv test test-gpu demo kernel-demo clean
+.PHONY: venv test test-gpu demo demo-gen kernel-demo clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test-gpu: $(STAMP)
 # The main job on an embedded default: shards from real photos, the tiny tokenizer through all stages.
 demo: $(STAMP)
 	$(PY) -m muse.demo
+
+# Generation on the tiny tokenizer of `make demo`: encode the photos, train a tiny SANA, sample a grid.
+demo-gen: $(STAMP)
+	$(PY) -m muse.gen.demo
 
 # The fused kernels against an fp64 reference (Triton interpreter without a GPU).
 kernel-demo: $(STAMP)
