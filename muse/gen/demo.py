@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
         write_shards(({**s, "cls": i} for i, s in enumerate(demo_images())), shards, samples_per_shard=6)
     tokenizer_args = ["--config", "tiny/stage3", "--checkpoint", str(tokenizer_run)]
     started = time.perf_counter()
+    # The tokenizer may have been trained again since: its latents are encoded afresh every run.
+    shutil.rmtree(gen / "latents", ignore_errors=True)
     if latent_tool.main([*tokenizer_args, "--shards", str(shards / "shard-*.tar"), "--out", str(gen / "latents"),
                          "--device", "cpu"]) != 0:
         return 2

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from muse.data import IMAGE_SUFFIXES
 from muse.eval.metrics import GaussianStatistics, InceptionScoreStatistics, frechet_distance
 from muse.eval.transforms import round_to_8bit
 
 log = logging.getLogger("muse.eval")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class FeatureStatistics:

@@ -9,7 +9,8 @@ Input shard i becomes ``latents-<i>.pt`` (written atomically): ``latents`` (N, C
 (-1 without a label), ``captions`` and ``keys`` (lists), and the shard's per-channel float64 sums
 (``count``, ``sum``, ``sum_sq``). Rank r of ``WORLD_SIZE`` (from the environment, as torchrun sets
 them) encodes shards r, r + world, ...; a latent shard that exists is kept, so a rerun finishes an
-interrupted extraction. Once every shard is there, ``stats.json`` holds the per-channel mean and
+interrupted extraction (one encoded with another tokenizer, checkpoint, size or input is refused).
+Once every shard is there, ``stats.json`` holds the per-channel mean and
 std over all latents (what the generator normalises with) and the source's settings.
 Images are resized (shorter edge) and centre-cropped to the tokenizer's size (``--image-size``).
 """
@@ -169,8 +170,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     autocast, _ = autocast_for(args.precision, device)
+    source = {"config": args.config, "checkpoint": args.checkpoint, "official_checkpoint": args.official_checkpoint,
+              "image_size": image_size, "input_shards": args.shards}
     mine = [(i, s) for i, s in enumerate(shards) if i % world == rank]
     todo = [(i, s) for i, s in mine if not (out / shard_name(i)).exists()]
+    for index, _ in mine:
+        path = out / shard_name(index)
+        if path.exists():
+            kept = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("source")
+            if kept != source:
+                log.error("%s was encoded with %s, not %s: write into another --out, or delete the folder to "
+                          "encode again", path, kept, source)
+                return 2
     if len(todo) < len(mine):
         log.info("rank %d: %d of its %d shards are already encoded in %s", rank, len(mine) - len(todo), len(mine), out)
     bar = progress_bar(None, f"encoding (rank {rank}/{world})")
@@ -182,12 +193,10 @@ def main(argv=None) -> int:
             except ValueError as err:
                 log.error("%s", err)
                 return 2
-            _atomic_save(part, out / shard_name(index))
+            _atomic_save({**part, "source": source}, out / shard_name(index))
     finally:
         if bar is not None:
             bar.close()
-    source = {"config": args.config, "checkpoint": args.checkpoint, "official_checkpoint": args.official_checkpoint,
-              "image_size": image_size, "input_shards": args.shards}
     stats = compute_stats(out, expected=len(shards), source=source)
     if stats is None:
         log.info("rank %d done; stats.json follows once every rank has written its shards", rank)

@@ -80,6 +80,10 @@ def test_ranks_split_the_shards_and_the_last_writes_the_statistics(setup, tmp_pa
     # A rerun keeps what is there (an interrupted extraction finishes).
     before = (out / shard_name(0)).stat().st_mtime_ns
     assert main(_args(root, out)) == 0 and (out / shard_name(0)).stat().st_mtime_ns == before
+    # Shards of another tokenizer checkpoint are never mixed in.
+    other = [*_args(root, out)]
+    other[other.index("--checkpoint") + 1] = str(root / "run" / "step_00000001.pt")
+    assert main(other) == 2 and (out / shard_name(0)).stat().st_mtime_ns == before
 
 
 def test_missing_statistics_and_shards_are_named(tmp_path):
