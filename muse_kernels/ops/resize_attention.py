@@ -5,7 +5,8 @@ over its query grid, and its rows renormalized. Bilinear resizing is separable a
 flattened grid it is a matrix: kron(R_h, R_w), with R the 1-D interpolation matrices. The two passes
 become M·A·Mᵀ, two dense GEMMs instead of B·N per-row interpolations. The matrices are built by
 interpolating the identity with ``F.interpolate`` itself, so their weights are exactly PyTorch's,
-and cached per (sizes, device, dtype).
+and cached per (sizes, device, dtype) — but only outside dispatch modes and compilation: a matrix
+built on fake tensors (a FLOP count) or while tracing must not be handed to later real calls.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import numpy as np
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 RENORM_EPS = 1e-6
 
 
-@functools.lru_cache(maxsize=64)
 def _interp_matrix_1d(src: int, dst: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(dst, src) matrix R with R @ x == F.interpolate(x, size=dst, mode="linear", align_corners=False)."""
     eye = torch.eye(src, dtype=torch.float64, device=device)[:, None, :]  # src signals of length src
@@ -30,13 +31,22 @@ def _interp_matrix_1d(src: int, dst: int, device: torch.device, dtype: torch.dty
     return rows.t().contiguous().to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def interpolation_matrix(source_hw: tuple[int, int], target_hw: tuple[int, int], device: torch.device,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """(h_t·w_t, h_s·w_s) bilinear (align_corners=False) resize of a flattened row-major grid."""
+def _build_interpolation_matrix(source_hw: tuple[int, int], target_hw: tuple[int, int], device: torch.device,
+                                dtype: torch.dtype) -> torch.Tensor:
     r_h = _interp_matrix_1d(source_hw[0], target_hw[0], device, torch.float64)
     r_w = _interp_matrix_1d(source_hw[1], target_hw[1], device, torch.float64)
     return torch.kron(r_h, r_w).to(dtype)
+
+
+_cached_interpolation_matrix = functools.lru_cache(maxsize=64)(_build_interpolation_matrix)
+
+
+def interpolation_matrix(source_hw: tuple[int, int], target_hw: tuple[int, int], device: torch.device,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """(h_t·w_t, h_s·w_s) bilinear (align_corners=False) resize of a flattened row-major grid."""
+    if is_in_torch_dispatch_mode() or torch.compiler.is_compiling():
+        return _build_interpolation_matrix(source_hw, target_hw, device, dtype)
+    return _cached_interpolation_matrix(source_hw, target_hw, device, dtype)
 
 
 def _grid(value, name: str) -> tuple[int, int]:

@@ -70,3 +70,18 @@ def test_autocast_does_not_lower_the_precision():
         got = resize_attention_4d(attn, (4, 4))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
+
+
+def test_maps_resized_under_fake_tensors_leave_no_fake_matrix_in_the_cache():
+    """A FLOP count (fake tensors) must not poison later real calls with cached fake matrices."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    source, target = (5, 7), (3, 4)
+    with FakeTensorMode() as fake:
+        resized = resize_attention_4d(fake.from_tensor(make_teacher(1, 35, dtype=torch.float32)), target, source)
+    assert resized.shape == (1, 12, 12)
+    attn = make_teacher(2, 35, dtype=torch.float32)
+    out = resize_attention_4d(attn, target, source)
+    assert type(out) is torch.Tensor
+    ref = two_pass_interpolate(attn.double(), source, target)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
