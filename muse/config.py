@@ -298,12 +298,12 @@ class LossConfig(LossWeights):
 
 
 @dataclass
-class TrainConfig:
-    stage: int = 1
+class LoopConfig:
+    """What the training loop (``muse.training.loop``) reads, shared by the tokenizer's and the
+    generator's ``train`` sections; each sets its own defaults."""
+
     steps: int = 50000
     out_dir: str = "runs/muse"
-    # The previous stage's checkpoint: its EMA weights initialise this stage.
-    init_weight: str | None = None
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     # Official EMA: decay min(ema_decay, (1 + k)/(10 + k)) at update k + 1 (0 at the first);
@@ -314,21 +314,33 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     max_bad_steps: int = 10
+    # TensorBoard scalars beside log.jsonl when tensorboard is installed.
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        _require("train", self, positive=("steps", "log_every", "ckpt_every"),
+                 non_negative=("keep_last", "max_bad_steps"))
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    stage: int = 1
+    # The previous stage's checkpoint: its EMA weights initialise this stage.
+    init_weight: str | None = None
     # Reconstruction and student-vs-teacher attention PNGs, and the gradient-orthogonality cosines,
-    # every so many steps (0: never). TensorBoard scalars beside log.jsonl when tensorboard is installed.
+    # every so many steps (0: never).
     image_every: int = 1000
     ortho_every: int = 1000
-    tensorboard: bool = True
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):
             raise ValueError(f"train.stage must be 1, 2 or 3, got {self.stage}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        _require("train", self, positive=("steps", "log_every", "ckpt_every"),
-                 non_negative=("keep_last", "max_bad_steps", "image_every", "ortho_every"))
-        if not 0 <= self.ema_decay <= 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
+        super().__post_init__()
+        _require("train", self, non_negative=("image_every", "ortho_every"))
 
 
 @dataclass

@@ -156,26 +156,36 @@ def run(args, settings) -> tuple[dict, nn.Module]:
     return linear_probe(train, val, settings, args.device)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Linear probe on frozen MUSE features")
+def probe_main(argv, description: str, protocols: dict, run_probe, name: str, summary) -> int:
+    """A probe's command line: parse, resolve the protocol, ``run_probe(args, settings)``, save the
+    report and head under ``--out`` as ``name``, log ``summary(args, settings, deviations, report)``."""
+    parser = argparse.ArgumentParser(description=description)
     add_feature_arguments(parser)
-    add_protocol_arguments(parser, LINEAR_PROBE)
+    add_protocol_arguments(parser, protocols)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        settings, deviations = resolve_protocol(args, LINEAR_PROBE)
-        report, head = run(args, settings)
+        settings, deviations = resolve_protocol(args, protocols)
+        report, head = run_probe(args, settings)
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
     report.update(describe(args.protocol, settings, deviations))
-    save_probe(args, "linear_probe", report, head)
-    log.info("linear probe (%s protocol%s, %s, %d classes): top-1 %.2f%% (epoch %d%s)%s on %d images",
-             args.protocol, ", modified" if deviations else "", settings.feature, report["classes"],
-             100 * report["top1"], report["epoch"], f", final {100 * report['top1_final']:.2f}%",
-             f", top-5 {100 * report['top5']:.2f}%" if "top5" in report else "", report["val_samples"])
+    save_probe(args, name, report, head)
+    log.info("%s", summary(args, settings, deviations, report))
     return 0
 
+
+def _summary(args, settings, deviations: dict, report: dict) -> str:
+    return (f"linear probe ({args.protocol} protocol{', modified' if deviations else ''}, {settings.feature}, "
+            f"{report['classes']} classes): top-1 {100 * report['top1']:.2f}% (epoch {report['epoch']}, "
+            f"final {100 * report['top1_final']:.2f}%)"
+            + (f", top-5 {100 * report['top5']:.2f}%" if "top5" in report else "")
+            + f" on {report['val_samples']} images")
+
+
+def main(argv=None) -> int:
+    return probe_main(argv, "Linear probe on frozen MUSE features", LINEAR_PROBE, run, "linear_probe", _summary)
 
 if __name__ == "__main__":
     sys.exit(main())

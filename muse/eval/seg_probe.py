@@ -15,8 +15,6 @@ linear layer, AdamW, 30 epochs, mIoU over the classes present, label 0 ignored.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 import torch
@@ -24,11 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from muse.eval.features import FeatureSet
-from muse.eval.linear_probe import add_feature_arguments, load_feature_sets, save_probe
+from muse.eval.linear_probe import load_feature_sets, probe_main
 from muse.eval.probe import Standardize, select_epoch, train_probe
-from muse.eval.protocols import SEG_PROBE, add_protocol_arguments, describe, resolve_protocol
-
-log = logging.getLogger("muse.eval")
+from muse.eval.protocols import SEG_PROBE
 
 
 class TokenSegmentationHead(nn.Module):
@@ -155,26 +151,17 @@ def run(args, settings) -> tuple[dict, nn.Module]:
     return seg_probe(train, val, settings, args.device)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Linear segmentation probe on frozen MUSE token features")
-    add_feature_arguments(parser)
-    add_protocol_arguments(parser, SEG_PROBE)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        settings, deviations = resolve_protocol(args, SEG_PROBE)
-        report, head = run(args, settings)
-    except (FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        return 2
-    report.update(describe(args.protocol, settings, deviations))
-    save_probe(args, "seg_probe", report, head)
-    log.info("segmentation probe (%s protocol%s, %s, %d classes, %dx%d tokens): mIoU %.2f%% (epoch %d), "
-             "pixel accuracy %.2f%% on %d images", args.protocol, ", modified" if deviations else "",
-             settings.feature, report["classes"], *report["grid"], 100 * report["miou"], report["epoch"],
-             100 * report["pixel_accuracy"], report["val_samples"])
-    return 0
+def _summary(args, settings, deviations: dict, report: dict) -> str:
+    rows, cols = report["grid"]
+    return (f"segmentation probe ({args.protocol} protocol{', modified' if deviations else ''}, {settings.feature}, "
+            f"{report['classes']} classes, {rows}x{cols} tokens): mIoU {100 * report['miou']:.2f}% "
+            f"(epoch {report['epoch']}), pixel accuracy {100 * report['pixel_accuracy']:.2f}% "
+            f"on {report['val_samples']} images")
 
+
+def main(argv=None) -> int:
+    return probe_main(argv, "Linear segmentation probe on frozen MUSE token features", SEG_PROBE, run, "seg_probe",
+                      _summary)
 
 if __name__ == "__main__":
     sys.exit(main())

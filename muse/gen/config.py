@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from muse.config import _build, _read, _require, _set_path
+from muse.config import LoopConfig, _build, _read, _require, _set_path
 
 
 @dataclass
@@ -150,26 +150,12 @@ class TokenizerRef:
 
 
 @dataclass
-class GenTrainConfig:
+class GenTrainConfig(LoopConfig):
     steps: int = 400000
     out_dir: str = "runs/gen"
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     ema_decay: float = 0.9999
-    ema_warmup: bool = True
     log_every: int = 100
     ckpt_every: int = 10000
-    keep_last: int = 3
-    max_bad_steps: int = 10
-    tensorboard: bool = True
-
-    def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        _require("train", self, positive=("steps", "log_every", "ckpt_every"),
-                 non_negative=("keep_last", "max_bad_steps"))
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
