@@ -9,6 +9,7 @@
 #   graphs   the same ops and the model-level block/connector as CUDA graph replays (device time)
 #   profile  wall time vs kernel time per case, and the Python functions costing host time
 #   sweep    the resolution sweep (N 64…4096, D 64/128), fwd+bwd, the main variants
+#   transformers  whole transformers models on the "muse" attention vs eager maps and SDPA (issue 21)
 # One device call is limited to 10 minutes: split the groups over several calls (the extension built
 # by "build" stays in the working tree of a warm machine). A failing step is recorded and the next
 # one still runs. Everything lands in $OUT/gpu_session.tgz (the device returns at most 8 files) and
@@ -64,4 +65,7 @@ if wants sweep; then
     step bench_sweep python -m benchmarks.run --shapes sweep --ops synergistic_attention topology_kl_loss \
         --providers eager sdpa_flash ours --modes fwd+bwd --variants no_maps per_head_bf16 attn+kl_per_head \
         --out "$work/sweep"
+fi
+if wants transformers; then
+    step bench_transformers python -m benchmarks.bench_transformers --out "$work/transformers"
 fi
