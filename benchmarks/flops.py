@@ -41,6 +41,8 @@ roofline is the sum of its components' (they run one after another).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -373,6 +375,30 @@ def _build_on_meta(cfg):
     return model, loss_fn, discriminator, text_encoder, tokenize
 
 
+@contextlib.contextmanager
+def _library_caches_bypassed():
+    """Model code that caches tensors per shape (transformers' ``lru_cache``-wrapped helpers, e.g.
+    DINOv3's patch coordinates) runs uncached: under fake tensors the cache would keep fake tensors
+    and hand them to every real forward that follows in the process."""
+    patches = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            cells = getattr(value, "__closure__", None) or ()
+            cached = isinstance(value, functools._lru_cache_wrapper) or any(
+                isinstance(getattr(cell, "cell_contents", None), functools._lru_cache_wrapper) for cell in cells)
+            if cached and hasattr(value, "__wrapped__"):
+                patches.append((module, attr, value))
+    for module, attr, value in patches:
+        setattr(module, attr, value.__wrapped__)
+    try:
+        yield
+    finally:
+        for module, attr, value in patches:
+            setattr(module, attr, value)
+
+
 class _quiet:
     """Silences the 'random weights' warnings of the given loggers while the modules are built."""
 
@@ -493,7 +519,7 @@ def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224,
     cfg = load_stage_config(config, stage, batch, image_size, overrides)
     model, loss_fn, discriminator, text_encoder, tokenize = _build_on_meta(cfg)
     oc = cfg.optim
-    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+    with FakeTensorMode(allow_non_fake_inputs=True), _library_caches_bypassed(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for module in (model, loss_fn, text_encoder):
             if module is not None:

@@ -186,6 +186,22 @@ def test_tiny_step_flops_equal_flop_counter_mode():
     assert count.total.total_flops() == count.flop_counter_total > 0
 
 
+def test_a_count_leaves_no_fake_tensor_in_library_caches():
+    """transformers' DINOv3 caches its patch coordinates per grid (an lru_cache): a count on fake
+    tensors must not leave fake ones there for the real forwards that follow in the process."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from muse.config import load_config
+    from muse.models import MuseTokenizer
+
+    F.count_stage("tiny/stage1", 1, batch=2, image_size=32, overrides=FAST)
+    cfg = load_config("tiny/stage1")
+    assert cfg.model.teacher.kind == "dinov3"
+    out = MuseTokenizer(cfg.model)(torch.rand(2, 3, 32, 32), return_maps=True)
+    assert not isinstance(out.teacher_maps, FakeTensor) and not isinstance(out.loss_topo, FakeTensor)
+    assert torch.isfinite(out.loss_topo)
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         F.main(["--batch", "0"])
