@@ -114,10 +114,15 @@ def main(argv=None) -> int:
     # A lease that ends mid-run (SIGTERM from a time limit) still writes every case measured so far.
     signal.signal(signal.SIGTERM, _interrupt)
     log.info("measuring %d cases", len(all_cases))
+    # Off a terminal (a device job's log) the bar draws nothing: a line per case shows the progress.
+    log_cases = not sys.stderr.isatty()
     try:
-        for case in tqdm(all_cases, desc="benchmarks", unit="case", disable=None):
+        for number, case in enumerate(tqdm(all_cases, desc="benchmarks", unit="case", disable=None), 1):
             results.append(measure(case, device, info["copy_gbps"], reps=2 if args.smoke else 5,
                                    cuda_graphs=info["cuda_graphs"]))
+            if log_cases:
+                log.info("measured %d/%d: %s %s %s %s %s %s", number, len(all_cases), case.op, case.provider,
+                         case.variant, case.mode, case.dtype, case.shape)
     except KeyboardInterrupt:
         log.warning("interrupted after %d of %d cases: writing those", len(results), len(all_cases))
         info["interrupted_after"] = f"{len(results)} of {len(all_cases)} cases"
