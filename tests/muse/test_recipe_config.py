@@ -61,3 +61,20 @@ def test_tiny_configs_use_the_same_recipe_at_tiny_sizes(stage):
         assert _section_values(cfg, section, expected) == expected, section
     assert _section_values(cfg, "loss", STAGES[stage]["loss"]) == STAGES[stage]["loss"]
     assert cfg.optim.backbone_lr_scale == STAGES[stage]["optim"]["backbone_lr_scale"]
+
+
+# The official configs' experiment cadence: save_every (→ ckpt_every), generate_every (→ image_every),
+# log_every, and training.seed.
+CADENCE = {
+    ("muse_1b", 1): (5000, 2000), ("muse_1b", 2): (5000, 2000), ("muse_1b", 3): (5000, 2500),
+    ("muse_3b", 1): (7500, 2500), ("muse_3b", 2): (7500, 2500), ("muse_3b", 3): (7500, 2500),
+}
+
+
+@pytest.mark.parametrize("model,stage", sorted(CADENCE))
+def test_official_configs_keep_the_official_cadence_and_seed(model, stage, monkeypatch):
+    monkeypatch.setenv("MUSE_INTERNVL3_2B_PATH", "/checkpoints/internvl3_2b")
+    cfg = load_config(f"{model}/stage{stage}")
+    ckpt_every, image_every = CADENCE[model, stage]
+    assert (cfg.train.ckpt_every, cfg.train.image_every, cfg.train.log_every, cfg.train.seed) == \
+        (ckpt_every, image_every, 50, 42)
