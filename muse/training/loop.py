@@ -5,6 +5,7 @@ finite-loss rule, log records, ETA, TensorBoard."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -34,6 +35,23 @@ class TooManyBadSteps(RuntimeError):
 
 class RunFolderInUse(RuntimeError):
     """A fresh run was pointed at a folder that holds another run."""
+
+
+def trainer_arguments(argv, description: str, config_help: str) -> argparse.Namespace:
+    """Every trainer's command line: ``--config``, ``--resume`` or ``--overwrite``, ``key.sub=value``
+    overrides; logging to stderr at INFO."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.out_dir from its newest checkpoint that loads")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a used train.out_dir (its old files are moved aside)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in train.out_dir, --overwrite replaces it: give one")
+    return args
 
 
 def claim_run_folder(out_dir: Path, resume: bool, overwrite: bool, main_process: bool,
