@@ -251,6 +251,87 @@ def _synergistic_attention_maps_kernel(
     tl.store(a_ptrs, acc.to(Attn.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _single_pass_head(
+    Q, K, V, Out, Lse, b, h, offs_m, offs_k, offs_d, row_ok, col_ok,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    H, N, qk_scale_log2, HAS_V: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One head of a query tile against all its keys: stores the output and the LSE, returns the
+    normalized map tile (BLOCK_M, BLOCK_KEYS), zero on padded keys."""
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_t = tl.load(K + b * stride_kb + h * stride_kh + offs_k[None, :] * stride_kn + offs_d[:, None],
+                  mask=col_ok[None, :], other=0.0)
+    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale_log2
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    # The whole row is in the tile: its max and sum are exact, no running rescale.
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    l = tl.sum(p, 1)
+    inv_l = 1.0 / l
+    tl.store(Lse + (b * H + h) * N + offs_m, m + tl.log2(l), mask=row_ok)
+    if HAS_V:
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_k[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) * inv_l[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                 o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    return p * inv_l[:, None]
+
+
+@triton.jit
+def _synergistic_attention_single_pass_kernel(
+    Q, K, V, Out, Lse, Attn,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr,
+    HEAD_MEAN: tl.constexpr, HAS_V: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Output, LSE and normalized maps of MUSE's self-attention when every key fits in one tile
+    (N ≤ BLOCK_KEYS): one Q·Kᵀ per head, the maps written straight from the score tile. Per-head maps:
+    one program per (batch·head, query block). Head-mean maps: one program per (batch, query block)
+    runs every head and writes the (B, N, N) mean once, accumulated in registers. The maps are the
+    launcher's own contiguous tensors, so their strides are not arguments: the compiler knows the rows
+    are contiguous."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    map_idx = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_KEYS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    col_ok = offs_k < N
+    # Offsets within one map fit in 32 bits (N ≤ BLOCK_KEYS ≤ 256); 64-bit ones cost two registers each.
+    a_offsets = offs_m[:, None] * N + offs_k[None, :]
+    if HEAD_MEAN:
+        b = map_idx.to(tl.int64)
+        mean = tl.zeros([BLOCK_M, BLOCK_KEYS], dtype=tl.float32)
+        for h in range(0, H):
+            mean += _single_pass_head(
+                Q, K, V, Out, Lse, b, tl.cast(h, tl.int64), offs_m, offs_k, offs_d, row_ok, col_ok,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                H, N, qk_scale_log2, HAS_V, INPUT_PRECISION)
+        tl.store(Attn + b * N * N + a_offsets, (mean / H).to(Attn.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        b = (map_idx // H).to(tl.int64)
+        h = (map_idx % H).to(tl.int64)
+        attn = _single_pass_head(
+            Q, K, V, Out, Lse, b, h, offs_m, offs_k, offs_d, row_ok, col_ok,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+            H, N, qk_scale_log2, HAS_V, INPUT_PRECISION)
+        tl.store(Attn + map_idx.to(tl.int64) * N * N + a_offsets, attn.to(Attn.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
 @triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_bwd_dq_kernel(
     Q, K, V, Out, dOut, dAttn, Teacher, TeacherRowSum, KlGrad, Lse, Delta, dQ, Mask,
@@ -515,6 +596,33 @@ def bwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
 
 
+# The single-pass forward keeps a whole key row in one tile (BLOCK_KEYS = the smallest tile ≥ N). At
+# D = 128, K and V of 256 keys beside the score tile leave too little room, so head dim 128 and N > 256
+# take the two-kernel path (flash forward + maps kernel).
+SINGLE_PASS_KEY_TILES = (64, 128, 256)
+SINGLE_PASS_HEAD_DIMS = (16, 32, 64)
+
+
+def single_pass_key_tile(seq: int, head_dim: int) -> int | None:
+    """The key tile of the single-pass forward for ``seq`` keys, None where the two-kernel path runs."""
+    if head_dim not in SINGLE_PASS_HEAD_DIMS:
+        return None
+    return next((tile for tile in SINGLE_PASS_KEY_TILES if seq <= tile), None)
+
+
+def single_pass_config(key_tile: int, head_dim: int, dtype: torch.dtype, head_mean: bool) -> LaunchConfig:
+    """``block_n`` is the key tile. Chosen so that no configuration spills on sm_80 / sm_90 (registers
+    and local memory reported by ``muse_kernels.aot``); the score tile holds block_m · key_tile fp32
+    values, 64 per thread at most (twice that for head-mean maps, whose running mean is a second tile)."""
+    if head_mean:
+        block_m = 64 if key_tile == 64 else 32
+        warps = 4 if key_tile <= 128 else 8
+    else:
+        block_m = 64
+        warps = 4 if key_tile <= 128 else 8
+    return LaunchConfig(block_m=block_m, block_n=key_tile, num_warps=warps, num_stages=1)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # Triton's tl.dot rounds fp32 operands to TF32 by default; honour PyTorch's switch instead.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -624,6 +732,9 @@ def synergistic_attention_forward(
     gen = general_args(q, k, attn_mask, causal)
     out = None if v is None else (new_output(q, v) if gen.enabled else new_output_like(v))
     lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    key_tile = None if map_mode == "none" or gen.enabled or teacher is not None else single_pass_key_tile(seq, dim)
+    if key_tile is not None:
+        return (*_single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile), lse, None)
     row_kl = None if teacher is None else torch.empty_like(lse)
     precision = _input_precision(q.dtype)
     qk_scale_log2 = scale * LOG2E
@@ -662,6 +773,25 @@ def synergistic_attention_forward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, attn, lse, row_kl
+
+
+def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile):
+    """(out, attn) from ``_synergistic_attention_single_pass_kernel``; fills ``out`` and ``lse``."""
+    bsz, heads, seq, dim = q.shape
+    head_mean = map_mode == "head_mean"
+    attn = torch.empty((bsz, seq, seq) if head_mean else (bsz, heads, seq, seq), device=q.device, dtype=attn_dtype)
+    cfg = single_pass_config(key_tile, dim, q.dtype, head_mean)
+    grid = ((bsz if head_mean else bsz * heads) * triton.cdiv(seq, cfg.block_m),)
+    # Without V, lse stands in for the absent tensors (a valid pointer the kernel never dereferences).
+    _synergistic_attention_single_pass_kernel[grid](
+        q, k, lse if v is None else v, lse if out is None else out, lse, attn,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(k if v is None else v),
+        *_bhn_strides(k if out is None else out),
+        heads, seq, scale * LOG2E,
+        HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_KEYS=key_tile, HEAD_MEAN=head_mean, HAS_V=v is not None,
+        INPUT_PRECISION=_input_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, attn
 
 
 def synergistic_attention_backward(

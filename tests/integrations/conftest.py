@@ -34,16 +34,17 @@ def registered():
 
 
 class _CountingKernel:
-    """Counts the launches of a Triton kernel and runs it."""
+    """Counts the launches of a Triton kernel (on ``total``'s count when given) and runs it."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, total=None):
         self.kernel, self.launches = kernel, 0
+        self.total = self if total is None else total
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            self.launches += 1
+            self.total.launches += 1
             return launch(*args, **kwargs)
 
         return run
@@ -51,7 +52,10 @@ class _CountingKernel:
 
 @pytest.fixture
 def maps_launches(monkeypatch):
-    """Counts the launches of the maps kernel (one per map written)."""
+    """Counts the launches of the kernels that write maps (one per map written): the maps kernel, and
+    the single-pass forward that N ≤ 256 takes."""
     counter = _CountingKernel(op._synergistic_attention_maps_kernel)
     monkeypatch.setattr(op, "_synergistic_attention_maps_kernel", counter)
+    monkeypatch.setattr(op, "_synergistic_attention_single_pass_kernel",
+                        _CountingKernel(op._synergistic_attention_single_pass_kernel, counter))
     return counter

@@ -177,12 +177,15 @@ def test_many_batch_heads_beyond_grid_axis_limit():
             launches.append(grid)
             return lambda *args, **kwargs: None
 
-    q = torch.empty(70000, 1, 1, 16).transpose(1, 2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(op, "_synergistic_attention_fwd_kernel", Recorder())
         mp.setattr(op, "_synergistic_attention_maps_kernel", Recorder())
-        op.synergistic_attention_forward(q, q, q, 0.25, "per_head", torch.float32)
-    assert launches == [(70000,), (70000,)]
+        mp.setattr(op, "_synergistic_attention_single_pass_kernel", Recorder())
+        # Head dim 128: the flash forward and the maps kernel; 16: the single-pass kernel.
+        for dim in (128, 16):
+            q = torch.empty(70000, 1, 1, dim).transpose(1, 2)
+            op.synergistic_attention_forward(q, q, q, 0.25, "per_head", torch.float32)
+    assert launches == [(70000,), (70000,), (70000,)]
 
 
 def test_head_mean_equals_mean_of_per_head_maps(device):
