@@ -514,7 +514,7 @@ def count_stage(config: str, stage: int, batch: int = 32, image_size: int = 224,
     from muse.training.checkpoint import FROZEN_PREFIXES
     from muse.training.optim import build_discriminator_optimizer, build_optimizer
     from muse.training.stages import configure_stage
-    from muse.train import autocast_for
+    from muse.training.loop import autocast_for
 
     cfg = load_stage_config(config, stage, batch, image_size, overrides)
     model, loss_fn, discriminator, text_encoder, tokenize = _build_on_meta(cfg)

@@ -26,11 +26,11 @@ from muse.models.discriminator import NLayerDiscriminator, load_official_discrim
 from muse.models.official import is_official_checkpoint
 from muse.models.perceptual import PerceptualLoss, build_perceptual_loss
 from muse.training.checkpoint import (FROZEN_PREFIXES, CheckpointError, ConfigMismatch, check_config,
-                                      load_checkpoint, load_model_weights, load_newest_readable)
+                                      load_file_or_newest, load_model_weights)
 from muse.training.analysis import gradient_cosines, save_attention_grid, save_reconstruction_grid
 from muse.training.ema import EMA
-# TooManyBadSteps and autocast_for are imported from here too (by callers of train, benchmarks.flops).
-from muse.training.loop import (Forward, RunFolderInUse, TooManyBadSteps, TrainingRun, autocast_for,  # noqa: F401
+# TooManyBadSteps is imported from here too (by callers of train).
+from muse.training.loop import (Forward, RunFolderInUse, TooManyBadSteps, TrainingRun,  # noqa: F401
                                  claim_run_folder, data_parallel, setup_distributed, trainer_arguments)
 from muse.training.optim import (build_discriminator_optimizer, build_optimizer, discriminator_schedule, lr_at,
                                  set_lr)
@@ -84,15 +84,7 @@ def init_from_previous_stage(model: MuseTokenizer, path: str, cfg: Config) -> No
         info = model.load_official_checkpoint(path)
         log.info("initialised from the official checkpoint %s", info["file"])
         return
-    if Path(path).is_dir():
-        found = load_newest_readable(path)
-        if found is None:
-            raise FileNotFoundError(f"train.init_weight: no checkpoint in {path}")
-        file, state = found
-    elif Path(path).exists():
-        file, state = Path(path), load_checkpoint(path)
-    else:
-        raise FileNotFoundError(f"train.init_weight: no checkpoint at {path}")
+    file, state = load_file_or_newest(path, "train.init_weight")
     check_config(state, cfg, f"train.init_weight {file}", purpose="init")
     load_model_weights(model, state["ema"], f"train.init_weight {file}")
     log.info("initialised from the EMA weights of %s", file)

@@ -115,17 +115,9 @@ def load_generator(path: str, weights: str = "ema", device: str | torch.device =
     """A generator checkpoint (file or run folder: its newest readable one) → (model with ``weights``
     "ema" or "model", the GenConfig it recorded)."""
     from muse.gen.model import LatentGenerator
-    from muse.training.checkpoint import load_checkpoint, load_model_weights, load_newest_readable
+    from muse.training.checkpoint import load_file_or_newest, load_model_weights
 
-    if Path(path).is_dir():
-        found = load_newest_readable(path)
-        if found is None:
-            raise FileNotFoundError(f"--generator: no checkpoint in {path}")
-        file, state = found
-    elif Path(path).exists():
-        file, state = Path(path), load_checkpoint(path)
-    else:
-        raise FileNotFoundError(f"--generator: no checkpoint or run folder at {path}")
+    file, state = load_file_or_newest(path, "--generator")
     if "config" not in state or weights not in state:
         raise ValueError(f"{file} is not a generator checkpoint of muse-train-gen (keys: {sorted(state)[:8]})")
     cfg = gen_config_from_record(state["config"])

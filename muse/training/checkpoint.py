@@ -143,6 +143,20 @@ def load_newest_readable(directory: str | os.PathLike, map_location="cpu") -> tu
     return None
 
 
+def load_file_or_newest(path: str | os.PathLike, what: str, map_location="cpu") -> tuple[Path, dict]:
+    """A checkpoint file, or a run folder's newest readable checkpoint, and its state; ``what`` names
+    the argument in the errors (a folder without checkpoints, a path that does not exist)."""
+    path = Path(path)
+    if path.is_dir():
+        found = load_newest_readable(path, map_location)
+        if found is None:
+            raise FileNotFoundError(f"{what}: no checkpoint in {path}")
+        return found
+    if path.exists():
+        return path, load_checkpoint(path, map_location)
+    raise FileNotFoundError(f"{what}: no checkpoint file or run folder at {path}")
+
+
 # ------------------------------------------------------------------------------ the config a run used
 
 # Model keys that do not change what the weights mean: local paths, how the same function is computed,

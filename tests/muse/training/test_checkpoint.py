@@ -80,3 +80,22 @@ def test_the_recorded_config_refuses_another_architecture_and_names_the_keys(cap
     assert "optim.lr (0.001 → 0.5)" in caplog.text
     ckpt.check_config({}, trained, "old.pt")
     assert "old.pt records no config" in caplog.text
+
+
+def test_a_file_or_a_run_folders_newest_readable_checkpoint(tmp_path):
+    from muse.training.checkpoint import load_file_or_newest
+
+    for step in (1, 2):
+        ckpt.save_checkpoint({"step": step}, tmp_path / "run", step)
+    file, state = load_file_or_newest(tmp_path / "run", "--generator")
+    assert file.name == "step_00000002.pt" and state["step"] == 2
+    (tmp_path / "run" / "step_00000002.pt").write_bytes(b"truncated")
+    file, state = load_file_or_newest(tmp_path / "run", "--generator")
+    assert state["step"] == 1
+    file, state = load_file_or_newest(tmp_path / "run" / "step_00000001.pt", "--generator")
+    assert state["step"] == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train.init_weight: no checkpoint in .*empty"):
+        load_file_or_newest(tmp_path / "empty", "train.init_weight")
+    with pytest.raises(FileNotFoundError, match=r"--generator: no checkpoint file or run folder at .*missing"):
+        load_file_or_newest(tmp_path / "missing", "--generator")
