@@ -376,7 +376,7 @@ def test_muse_3b_configs_are_muse_1b_but_where_the_official_ones_differ(monkeypa
     one, three = load_config(f"muse_1b/stage{stage}"), load_config(f"muse_3b/stage{stage}")
     assert three.model.encoder.pretrained == str(tmp_path / "muse_internvl3_2b_path")
     # Official configs/muse_3b: 75k steps in stages 1-2 (stage 3 keeps 50k), stage-1 warm-up 5000,
-    # checkpoints every 7.5k.
+    # checkpoints every 7.5k, pictures every 2.5k.
     steps = 50000 if stage == 3 else 75000
     assert (three.train.steps, three.train.ckpt_every) == (steps, 7500)
     assert three.optim.warmup_steps == (5000 if stage == 1 else one.optim.warmup_steps)
@@ -385,7 +385,7 @@ def test_muse_3b_configs_are_muse_1b_but_where_the_official_ones_differ(monkeypa
         one, model=dataclasses.replace(one.model, encoder=dataclasses.replace(
             one.model.encoder, pretrained=three.model.encoder.pretrained)),
         optim=dataclasses.replace(one.optim, warmup_steps=three.optim.warmup_steps),
-        train=dataclasses.replace(one.train, steps=steps, ckpt_every=7500, image_every=7500, ortho_every=7500,
+        train=dataclasses.replace(one.train, steps=steps, ckpt_every=7500, image_every=2500, ortho_every=7500,
                                   out_dir=f"runs/muse_3b/stage{stage}", init_weight=three.train.init_weight))
     assert three == expected
 
