@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +29,14 @@ log = logging.getLogger("muse_kernels.aot")
 # Largest dynamic shared memory a block may opt in to, in bytes.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
+# Per-thread spill (local memory) an aligned, non-ieee variant may use. The single-pass kernel gets 0:
+# its launch configs were chosen by this report. The other kernels' configs were timed on an H100
+# (benchmarks.tune_configs) with their spills in; the worst is 1728 B (fp32 dK/dV at D = 64 on
+# sm_80), most fp16/bf16 ones spill < 300 B. 2 KiB holds them all and fails on a regression past it;
+# lower it as the GPU retune removes spills. ieee variants (fp32 without TF32: FMA dots, a
+# correctness mode, 16 KB spills) and unaligned variants are reported, not budgeted.
+SPILL_BUDGET_BYTES = 2048
+
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTN_DTYPES = (torch.float32, torch.bfloat16)
@@ -35,16 +44,26 @@ _ATTN_DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass(frozen=True)
 class KernelSpec:
+    """One compiled variant. ``aligned``: every pointer 16-byte aligned and every ``stride_*`` argument
+    a multiple of 16, the specialization Triton's JIT compiles for such inputs (MUSE's: fresh or
+    packed-projection tensors with D = 64 and N a multiple of 16) and the one whose registers count.
+    Unaligned variants run for other strides (N = 65 maps, odd views): compiled and reported too."""
+
     kernel: str
     pointer_dtypes: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int
+    aligned: bool = False
 
     def label(self) -> str:
         consts = ",".join(f"{k}={v}" for k, v in self.constexprs)
         ptrs = ",".join(f"{k}:{v}" for k, v in self.pointer_dtypes)
-        return f"{self.kernel}[{consts}|{ptrs}|w{self.num_warps}s{self.num_stages}]"
+        return f"{self.kernel}[{consts}|{ptrs}|w{self.num_warps}s{self.num_stages}{'|aligned' if self.aligned else ''}]"
+
+    def launch_group(self) -> tuple:
+        """What the compiler's code structure depends on besides pointer dtypes."""
+        return self.kernel, self.constexprs, self.num_warps, self.num_stages, self.aligned
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
@@ -66,7 +85,39 @@ GENERAL_ONLY_ARGS = ("Mask", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """Every specialization the launchers in ``muse_kernels.ops`` can request."""
+    """Every specialization the launchers in ``muse_kernels.ops`` can request: each unaligned, and
+    MUSE's (GENERAL=False) also aligned (see ``KernelSpec``)."""
+    specs = _unaligned_specs()
+    return specs + [replace(s, aligned=True) for s in specs if ("GENERAL", True) not in s.constexprs]
+
+
+def representative_specs(specs: list[KernelSpec]) -> list[KernelSpec]:
+    """A subset that still compiles every launch group (kernel, constexprs, launch config, alignment)
+    and every (kernel, pointer argument, dtype) and (kernel, input dtype, alignment) pair at least
+    once: what remains out are variants that differ from a compiled one only in the dtype of an
+    argument that is compiled with that dtype elsewhere in the same kernel (fp16 beside bf16 under
+    the same constexprs, a bf16 teacher beside a bf16 map gradient). Aligned variants, whose spills
+    are budgeted, keep every launch group in every input dtype. Greedy set cover, in spec order."""
+    def features(spec):
+        inputs = dict(spec.pointer_dtypes)["Q"]
+        found = {("group", spec.launch_group()), ("input", spec.kernel, inputs, spec.aligned),
+                 *(("pointer", spec.kernel, name, dtype) for name, dtype in spec.pointer_dtypes)}
+        if spec.aligned:
+            # The budgeted variants: registers depend on the input dtype, so each group in each one.
+            found.add(("budgeted", spec.launch_group(), inputs))
+        return found
+
+    uncovered = set().union(*(features(s) for s in specs))
+    chosen = []
+    while uncovered:
+        best = max(specs, key=lambda s: len(features(s) & uncovered))
+        chosen.append(best)
+        uncovered -= features(best)
+    order = {s: i for i, s in enumerate(specs)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _unaligned_specs() -> list[KernelSpec]:
     from muse_kernels.ops import synergistic_attention as sa
 
     specs = []
@@ -86,6 +137,8 @@ def kernel_specs() -> list[KernelSpec]:
                      *_MUSE),
                     cfg.num_warps, cfg.num_stages))
             specs += _maps_specs(sa.maps_config(dim, dtype), dim, t, precision, _MUSE, "fp32")
+            if dtype in sa.SINGLE_PASS_DTYPES:
+                specs += _single_pass_specs(sa, dim, dtype, precision)
             specs += _backward_specs(sa.bwd_config(dim, dtype), dim, t, precision)
             for mask in sa.MASK_KINDS:
                 specs += _general_specs(sa, dim, dtype, precision, mask)
@@ -100,6 +153,28 @@ def _maps_specs(cfg, dim: int, t: str, precision: str, general: tuple, mask_poin
          ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision), *general),
         cfg.num_warps, cfg.num_stages)
         for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES)]
+
+
+# (HEAD_MEAN, HAS_V, map dtypes) of single-pass launches: attention with maps of either kind, and the
+# head-mean topology loss, which may run without V and reads an fp32 mean map.
+_SINGLE_PASS_PATHS = ((False, True, _ATTN_DTYPES), (True, True, _ATTN_DTYPES), (True, False, (torch.float32,)))
+
+
+def _single_pass_specs(sa, dim: int, dtype: torch.dtype, precision: str) -> list[KernelSpec]:
+    t = _TRITON_DTYPE[dtype]
+    specs = []
+    for key_tile in sa.SINGLE_PASS_KEY_TILES.get(dim, ()):
+        for head_mean, has_v, attn_dtypes in _SINGLE_PASS_PATHS:
+            cfg = sa.single_pass_config(key_tile, dim, dtype, head_mean)
+            for attn_dtype in attn_dtypes:
+                specs.append(KernelSpec(
+                    "_synergistic_attention_single_pass_kernel",
+                    (("Q", t), ("K", t), ("V", t if has_v else "fp32"), ("Out", t if has_v else "fp32"),
+                     ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype])),
+                    (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_KEYS", key_tile),
+                     ("HEAD_MEAN", head_mean), ("HAS_V", has_v), ("INPUT_PRECISION", precision)),
+                    cfg.num_warps, cfg.num_stages))
+    return specs
 
 
 def _general_specs(sa, dim: int, dtype: torch.dtype, precision: str, mask: str) -> list[KernelSpec]:
@@ -159,6 +234,14 @@ def _backward_specs(cfg, dim: int, t: str, precision: str) -> list[KernelSpec]:
     return specs
 
 
+def spill_budget_bytes(spec: KernelSpec) -> int | None:
+    """Per-thread local memory (spill) a variant may use; None: reported, not budgeted."""
+    constexprs = dict(spec.constexprs)
+    if constexprs.get("INPUT_PRECISION") == "ieee" or not spec.aligned:
+        return None
+    return 0 if spec.kernel == "_synergistic_attention_single_pass_kernel" else SPILL_BUDGET_BYTES
+
+
 def _scalar_type(name: str) -> str:
     if name.startswith("stride_") or name in ("H", "N", "N_K", "kv_group", "causal_offset"):
         return "i32"
@@ -182,27 +265,61 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = _scalar_type(name)
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {}
+    if spec.aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name in pointers or name.startswith("stride_")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     shared = compiled.metadata.shared
+    resources = resource_usage(compiled.asm["cubin"])
     # The kernel parameters the code loads (PTX parameters are the non-constexpr arguments, in order).
     runtime_args = [name for name in fn.arg_names if name not in constexprs]
     loaded = {int(i) for i in re.findall(r"_param_(\d+)\]", compiled.asm["ptx"])}
     read = {runtime_args[i] for i in loaded if i < len(runtime_args)}
+    budget = spill_budget_bytes(spec)
     return {"spec": spec.label(), "arch": arch, "shared_bytes": shared,
             "limit_bytes": SHARED_MEMORY_LIMIT[arch], "fits": shared <= SHARED_MEMORY_LIMIT[arch],
-            "general_args_read": sorted(read & set(GENERAL_ONLY_ARGS))}
+            "general_args_read": sorted(read & set(GENERAL_ONLY_ARGS)), **resources,
+            "spill_budget_bytes": budget, "within_budget": budget is None or resources["spill_bytes"] <= budget}
+
+
+_RESOURCE_LINE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and per-thread local memory of a compiled kernel, read from the cubin the
+    compile produced (``cuobjdump --dump-resource-usage``; no second ptxas run, and it works on Triton
+    cache hits, where no ptxas log exists). Triton kernels declare no local arrays and do not recurse,
+    so their stack frame is ptxas's spill space: ``spill_bytes`` = stack + local."""
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True)
+    found = _RESOURCE_LINE.search(proc.stdout)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{proc.stdout[-2000:]}")
+    registers, stack, _static_shared, local = (int(x) for x in found.groups())
+    return {"registers": registers, "stack_bytes": stack, "local_bytes": local, "spill_bytes": stack + local}
 
 
 def _compile_job(args):
     return compile_spec(*args)
 
 
-def compile_all(archs=(80, 90), jobs: int | None = None) -> list[dict]:
+def compile_all(archs=(80, 90), jobs: int | None = None, representative: bool = False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("muse_kernels.aot must run without TRITON_INTERPRET=1")
-    work = [(spec, arch) for arch in archs for spec in kernel_specs()]
+    specs = kernel_specs()
+    if representative:
+        specs = representative_specs(specs)
+    work = [(spec, arch) for arch in archs for spec in specs]
     jobs = jobs or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_compile_job, work, chunksize=4))
@@ -213,18 +330,24 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--json", help="write every result to this file")
+    parser.add_argument("--representative", action="store_true",
+                        help="compile only representative_specs(): every launch group, pointer dtype and input dtype once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = compile_all(args.arch, args.jobs)
+    results = compile_all(args.arch, args.jobs, args.representative)
     for r in results:
-        log.info("sm_%d %6d / %6d B  %s  %s", r["arch"], r["shared_bytes"], r["limit_bytes"],
-                 "ok " if r["fits"] else "OVER", r["spec"])
+        budget = "-" if r["spill_budget_bytes"] is None else r["spill_budget_bytes"]
+        log.info("sm_%d %6d / %6d B smem  %3d regs  %5d / %s B spill  %s  %s", r["arch"], r["shared_bytes"],
+                 r["limit_bytes"], r["registers"], r["spill_bytes"], budget,
+                 "ok " if r["fits"] and r["within_budget"] else "OVER", r["spec"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    failed = [r for r in results if not r["fits"]]
-    log.info("%d configurations compiled, %d over the shared-memory limit", len(results), len(failed))
-    return 1 if failed else 0
+    over_shared = [r for r in results if not r["fits"]]
+    over_budget = [r for r in results if not r["within_budget"]]
+    log.info("%d configurations compiled, %d over the shared-memory limit, %d over their spill budget",
+             len(results), len(over_shared), len(over_budget))
+    return 1 if over_shared or over_budget else 0
 
 
 if __name__ == "__main__":

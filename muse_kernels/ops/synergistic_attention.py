@@ -9,6 +9,11 @@ Forward
   * ``_synergistic_attention_maps_kernel`` writes normalized maps from the stored LSE, one program per
     (map, query block, key block). For head-mean maps a program loops over the heads and averages in
     registers: deterministic, no atomics, and the (B, H, N, N) tensor never exists.
+  * ``_synergistic_attention_single_pass_kernel`` replaces both when maps are wanted and every key
+    fits in one tile (MUSE path, fp16/bf16, no teacher, N ≤ 256 at head dim 32/64, ≤ 128 at 16:
+    ``single_pass_key_tile``): out,
+    LSE and maps come from one score tile per head; a head-mean program runs all heads of its query
+    tile and writes the mean once.
 
 Backward (two deterministic kernels, no atomics)
   * ``_synergistic_attention_bwd_dq_kernel`` (per query block) computes the row term
@@ -596,30 +601,35 @@ def bwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
 
 
-# The single-pass forward keeps a whole key row in one tile (BLOCK_KEYS = the smallest tile ≥ N). At
-# D = 128, K and V of 256 keys beside the score tile leave too little room, so head dim 128 and N > 256
-# take the two-kernel path (flash forward + maps kernel).
-SINGLE_PASS_KEY_TILES = (64, 128, 256)
-SINGLE_PASS_HEAD_DIMS = (16, 32, 64)
+# The single-pass forward keeps a whole key row in one tile (BLOCK_KEYS = the smallest tile ≥ N), per
+# head dim. At D = 128, K and V of 256 keys beside the score tile leave too little room; at D = 16 the
+# 256-key head-mean tile spilled in every launch config tried (muse_kernels.aot). Larger N, those head
+# dims and fp32 inputs take the two-kernel path (flash forward + maps kernel).
+SINGLE_PASS_KEY_TILES = {16: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256)}
+SINGLE_PASS_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def single_pass_key_tile(seq: int, head_dim: int) -> int | None:
-    """The key tile of the single-pass forward for ``seq`` keys, None where the two-kernel path runs."""
-    if head_dim not in SINGLE_PASS_HEAD_DIMS:
+def single_pass_key_tile(seq: int, head_dim: int, dtype: torch.dtype) -> int | None:
+    """The key tile of the single-pass forward for ``seq`` keys, None where the two-kernel path runs.
+    fp32 inputs stay on the two-kernel path: their tf32 operands double the register footprint and
+    every single-pass tile spilled (up to 2.9 KB per thread at D = 64, ``muse_kernels.aot``)."""
+    if dtype not in SINGLE_PASS_DTYPES:
         return None
-    return next((tile for tile in SINGLE_PASS_KEY_TILES if seq <= tile), None)
+    return next((tile for tile in SINGLE_PASS_KEY_TILES.get(head_dim, ()) if seq <= tile), None)
 
 
 def single_pass_config(key_tile: int, head_dim: int, dtype: torch.dtype, head_mean: bool) -> LaunchConfig:
-    """``block_n`` is the key tile. Chosen so that no configuration spills on sm_80 / sm_90 (registers
-    and local memory reported by ``muse_kernels.aot``); the score tile holds block_m · key_tile fp32
-    values, 64 per thread at most (twice that for head-mean maps, whose running mean is a second tile)."""
-    if head_mean:
-        block_m = 64 if key_tile == 64 else 32
-        warps = 4 if key_tile <= 128 else 8
+    """``block_n`` is the key tile. Chosen so that no aligned configuration spills on sm_80 / sm_90
+    (``muse_kernels.aot`` reports registers and local memory); not yet timed on a GPU. Head-mean maps
+    hold a second (running-mean) tile, hence the smaller query tiles."""
+    if not head_mean:
+        block_m, warps = (64, 4) if key_tile <= 128 else (32, 8)
+    elif key_tile == 64:
+        block_m, warps = 64, 4
+    elif key_tile == 128:
+        block_m, warps = 32, 4
     else:
-        block_m = 64
-        warps = 4 if key_tile <= 128 else 8
+        block_m, warps = (32, 8) if head_dim == 64 else (16, 4)
     return LaunchConfig(block_m=block_m, block_n=key_tile, num_warps=warps, num_stages=1)
 
 
@@ -732,7 +742,7 @@ def synergistic_attention_forward(
     gen = general_args(q, k, attn_mask, causal)
     out = None if v is None else (new_output(q, v) if gen.enabled else new_output_like(v))
     lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
-    key_tile = None if map_mode == "none" or gen.enabled or teacher is not None else single_pass_key_tile(seq, dim)
+    key_tile = None if map_mode == "none" or gen.enabled or teacher is not None else single_pass_key_tile(seq, dim, q.dtype)
     if key_tile is not None:
         return (*_single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile), lse, None)
     row_kl = None if teacher is None else torch.empty_like(lse)

@@ -183,7 +183,7 @@ def test_many_batch_heads_beyond_grid_axis_limit():
         mp.setattr(op, "_synergistic_attention_single_pass_kernel", Recorder())
         # Head dim 128: the flash forward and the maps kernel; 16: the single-pass kernel.
         for dim in (128, 16):
-            q = torch.empty(70000, 1, 1, dim).transpose(1, 2)
+            q = torch.empty(70000, 1, 1, dim, dtype=torch.bfloat16).transpose(1, 2)
             op.synergistic_attention_forward(q, q, q, 0.25, "per_head", torch.float32)
     assert launches == [(70000,), (70000,), (70000,)]
 
