@@ -1,6 +1,7 @@
-// Synergistic attention forward: output and row log-sum-exp (flash-style online softmax), and the
-// normalized maps (per head, or averaged over heads inside one block: no atomics, and the
-// (B, H, N, N) tensor never exists for head-mean maps).
+// Synergistic attention forward: output and row log-sum-exp (flash-style online softmax; fp16/bf16 on
+// register-resident mma.sync fragments, fp32 with FMA products), and the normalized maps (per head, or
+// averaged over heads inside one block: no atomics, and the (B, H, N, N) tensor never exists for
+// head-mean maps).
 #include "synergistic_attention.h"
 #include "tile_ops.cuh"
 
@@ -18,9 +19,10 @@ struct ForwardSmem {
     static_assert(kCarving.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
 };
 
-// One block per (batch·head, query block); warp w owns query rows [16w, 16w + 16).
+// fp32 inputs: one block per (batch·head, query block); warp w owns query rows [16w, 16w + 16); tiles
+// and accumulators in shared memory, products by FMA (warp_mma), exact to IEEE rounding.
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(BM / 16 * 32) fp32_forward_kernel(const ForwardParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = ForwardSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -143,6 +145,225 @@ __global__ void __launch_bounds__(BM / 16 * 32) forward_kernel(const ForwardPara
     }
 }
 
+// fp16/bf16 forward, FlashAttention-2 style, on tensor cores. Warp w owns query rows [16w, 16w + 16) of
+// the block; its Q fragments, the fp32 logits S = Q·Kᵀ and the output accumulator stay in registers in
+// the mma.m16n8k16 layouts (mma_sm80.cuh): row g = lane / 4 (and g + 8) of each 8-column block is held
+// by the 4 lanes of a quad, so the online softmax reduces a row with two __shfl_xor_sync, and S's
+// accumulators, rounded to T, are already P·V's A fragments. K and V tiles are double-buffered in
+// shared memory: cp.async fetches tile j + 1 while tile j is used.
+template <typename T, int D, int BM, int BN>
+struct MmaForwardSmem {
+    // Rows of 2·(D + 8) bytes: 16-byte aligned for ldmatrix and cp.async, and the 8 rows an ldmatrix
+    // reads at once start in 8 distinct 4-bank groups.
+    static constexpr int LD = Pad<D>::kInput;
+    enum { kQ, kK, kV };  // K and V: two buffers of BN rows each
+    static constexpr Carving<3> kCarving =
+        carve({tile_bytes<T>(BM, LD), 2 * tile_bytes<T>(BN, LD), 2 * tile_bytes<T>(BN, LD)});
+    static_assert(kCarving.bytes <= kMaxSmem, "forward tiles exceed the shared-memory budget");
+};
+
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) mma_forward_kernel(const ForwardParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    constexpr int K_STEPS = D / 16;   // 16-wide k steps of Q·Kᵀ
+    constexpr int S_BLOCKS = BN / 8;  // 8-key column blocks of S
+    constexpr int O_BLOCKS = D / 8;   // 8-wide column blocks of the output
+    using Smem = MmaForwardSmem<T, D, BM, BN>;
+    constexpr int LD = Smem::LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* k_tiles = region<T>(smem, kAt, Smem::kK);
+    T* v_tiles = region<T>(smem, kAt, Smem::kV);
+
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BM);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int m0 = place.first, lane = place.lane, r0 = place.band;
+    const int group = lane >> 2, pair = lane & 3;         // groupID, threadID_in_group
+    const int ld_row = lane & 7, ld_matrix = lane >> 3;  // the row this lane addresses for ldmatrix.x4
+    const bool has_v = p.v != nullptr, has_teacher = p.teacher != nullptr;
+
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
+    const int64_t teacher_base = b * p.teacher_strides.b + h * p.teacher_strides.h;
+
+    const int tiles = (seq + BN - 1) / BN;
+    load_rows_async<T, D, BM, THREADS>(q_tile, q, p.q_strides.n, m0, seq);
+    cp_async_commit();
+    load_rows_async<T, D, BN, THREADS>(k_tiles, k, p.k_strides.n, 0, seq);
+    if (has_v) load_rows_async<T, D, BN, THREADS>(v_tiles, v, p.v_strides.n, 0, seq);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q has landed; the first K, V tiles may still be in flight
+    __syncthreads();
+
+    uint32_t q_frag[K_STEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < K_STEPS; ++ks) {
+        // Matrix m: rows 8·(m & 1), columns 16·ks + 8·(m >> 1) of the band, i.e. a0a1, a2a3, a4a5, a6a7.
+        ldmatrix_x4(q_frag[ks], q_tile + (r0 + (ld_matrix & 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix >> 1) * 8);
+    }
+    float o[O_BLOCKS][4];
+#pragma unroll
+    for (int j = 0; j < O_BLOCKS; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    // Per row g, g + 8 of the band: the running maximum (log2 units), this lane's share of the running sum
+    // and of the teacher sums Σ t·log t, Σ t·s, Σ t (KL(t ‖ A) = Σ t·log t − ln2·(Σ t·s − lse2·Σ t) needs
+    // nothing else, and none of the sums depends on the running maximum).
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    float t_logt[2] = {0.f, 0.f}, t_s[2] = {0.f, 0.f}, t_sum[2] = {0.f, 0.f};
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int n0 = tile * BN;
+        const T* k_tile = k_tiles + (tile & 1) * BN * LD;
+        const T* v_tile = v_tiles + (tile & 1) * BN * LD;
+        if (tile + 1 < tiles) {
+            // The other buffers were last read in iteration tile − 1, before its closing barrier.
+            const int next = (tile + 1) & 1;
+            load_rows_async<T, D, BN, THREADS>(k_tiles + next * BN * LD, k, p.k_strides.n, n0 + BN, seq);
+            if (has_v) load_rows_async<T, D, BN, THREADS>(v_tiles + next * BN * LD, v, p.v_strides.n, n0 + BN, seq);
+            cp_async_commit();
+            cp_async_wait<1>();  // this tile's copies have landed, the next tile's may be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // every thread's copies of this tile are visible
+
+        float s[S_BLOCKS][4];
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BN / 16; ++nb) {
+#pragma unroll
+            for (int ks = 0; ks < K_STEPS; ++ks) {
+                // Matrix m: keys 16·nb + 8·(m >> 1), dims 16·ks + 8·(m & 1): b0b1, b2b3 of key blocks 2nb, 2nb + 1.
+                uint32_t kb[4];
+                ldmatrix_x4(kb, k_tile + (nb * 16 + (ld_matrix >> 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix & 1) * 8);
+                const uint32_t first[2] = {kb[0], kb[1]}, second[2] = {kb[2], kb[3]};
+                mma_m16n8k16<T>(s[2 * nb], q_frag[ks], first);
+                mma_m16n8k16<T>(s[2 * nb + 1], q_frag[ks], second);
+            }
+        }
+
+        // s[j][e]: row g + 8·(e >> 1), key n0 + 8j + 2·pair + (e & 1).
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = n0 + 8 * j + 2 * pair + (e & 1);
+                s[j][e] = col < seq ? s[j][e] * p.qk_scale_log2 : -INFINITY;
+                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
+            }
+        }
+        if (has_teacher) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = m0 + r0 + group + 8 * r;
+                if (row >= seq) continue;
+#pragma unroll
+                for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int col = n0 + 8 * j + 2 * pair + c;
+                        if (col >= seq) continue;
+                        const float t = load_map(p.teacher, p.teacher_dtype,
+                                                 teacher_base + row * p.teacher_strides.m + col * p.teacher_strides.n);
+                        t_logt[r] += t > 0.f ? t * logf(t) : 0.f;
+                        t_s[r] += t * s[j][2 * r + c];
+                        t_sum[r] += t;
+                    }
+                }
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float m = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            // Column n0 is a real key, so the new maximum is finite from the first tile on.
+            const float new_max = fmaxf(row_max[r], m);
+            alpha[r] = exp2f(row_max[r] - new_max);
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[j][e] = exp2f(s[j][e] - row_max[e >> 1]);
+                row_sum[e >> 1] += s[j][e];
+            }
+        }
+        if (has_v) {
+#pragma unroll
+            for (int j = 0; j < O_BLOCKS; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e >> 1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                // S blocks 2kk, 2kk + 1 (C layout) are the A fragment of P for keys 16kk .. 16kk + 15.
+                const uint32_t pa[4] = {pack_floats<T>(s[2 * kk][0], s[2 * kk][1]),
+                                        pack_floats<T>(s[2 * kk][2], s[2 * kk][3]),
+                                        pack_floats<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack_floats<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    // Matrix m: keys 16·kk + 8·(m & 1), dims 16·dp + 8·(m >> 1), read transposed: b0b1, b2b3
+                    // of dim blocks 2dp, 2dp + 1.
+                    uint32_t vb[4];
+                    ldmatrix_x4_trans(vb, v_tile + (kk * 16 + (ld_matrix & 1) * 8 + ld_row) * LD + dp * 16 +
+                                              (ld_matrix >> 1) * 8);
+                    const uint32_t first[2] = {vb[0], vb[1]}, second[2] = {vb[2], vb[3]};
+                    mma_m16n8k16<T>(o[2 * dp], pa, first);
+                    mma_m16n8k16<T>(o[2 * dp + 1], pa, second);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this tile's buffers before the next iteration refills them
+    }
+
+    T* out = static_cast<T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h;
+    const bool pairs_aligned = reinterpret_cast<uintptr_t>(out) % 4 == 0 && p.out_strides.n % 2 == 0;
+    constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        // A row's columns are spread over the 4 lanes of its quad.
+        const auto quad_sum = [](float x) {
+            x += __shfl_xor_sync(0xffffffffu, x, 1);
+            return x + __shfl_xor_sync(0xffffffffu, x, 2);
+        };
+        const float total = quad_sum(row_sum[r]);
+        float sums[3] = {0.f, 0.f, 0.f};
+        if (has_teacher) {
+            sums[0] = quad_sum(t_logt[r]);
+            sums[1] = quad_sum(t_s[r]);
+            sums[2] = quad_sum(t_sum[r]);
+        }
+        const int row = m0 + r0 + group + 8 * r;
+        if (row >= seq) continue;
+        const float lse2 = row_max[r] + log2f(total);
+        if (pair == 0) {
+            p.lse[bh * seq + row] = lse2;
+            if (has_teacher) p.row_kl[bh * seq + row] = sums[0] + kLn2 * (sums[2] * lse2 - sums[1]);
+        }
+        if (!has_v) continue;
+        const float inv = 1.f / total;
+        T* out_row = out + static_cast<int64_t>(row) * p.out_strides.n + 2 * pair;
+#pragma unroll
+        for (int j = 0; j < O_BLOCKS; ++j) {
+            const float first = o[j][2 * r] * inv, second = o[j][2 * r + 1] * inv;
+            if (pairs_aligned) {
+                *reinterpret_cast<uint32_t*>(out_row + 8 * j) = pack_floats<T>(first, second);
+            } else {
+                out_row[8 * j] = from_float<T>(first);
+                out_row[8 * j + 1] = from_float<T>(second);
+            }
+        }
+    }
+}
+
 template <typename T, int D, int BM, int BN>
 struct MapsSmem {
     static constexpr int LDT = Pad<D>::kInput, LDS = Pad<BN>::kFloat;
@@ -216,10 +437,17 @@ __global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) 
 
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
-    constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
-    const int64_t blocks = int64_t{p.shape.batch} * p.shape.heads * ((p.shape.seq + BM - 1) / BM);
-    return launch(forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, ForwardSmem<T, D, BM, BN>::kCarving.bytes,
-                  stream, p);
+    if constexpr (std::is_same_v<T, float>) {
+        constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
+        const int64_t blocks = int64_t{p.shape.batch} * p.shape.heads * ((p.shape.seq + BM - 1) / BM);
+        return launch(fp32_forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32,
+                      ForwardSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+    } else {
+        constexpr int BM = Blocks<T, D>::kMmaFwdM, BN = Blocks<T, D>::kMmaFwdN;
+        const int64_t blocks = int64_t{p.shape.batch} * p.shape.heads * ((p.shape.seq + BM - 1) / BM);
+        return launch(mma_forward_kernel<T, D, BM, BN>, blocks, BM / 16 * 32,
+                      MmaForwardSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+    }
 }
 
 template <typename T, int D>

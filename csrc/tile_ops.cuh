@@ -1,11 +1,12 @@
 // Device building blocks shared by the forward and backward kernels.
 //
-// Every kernel keeps its tiles in shared memory and gives each warp a band of 16 rows. Products of
-// tiles are computed 16×16 output block by 16×16 output block (`warp_mma`): on tensor cores through
-// WMMA for fp16 and bf16 inputs (fp32 accumulation), with FMA for fp32 inputs, which keeps fp32
-// exact to IEEE rounding (TF32 would fail the fp32 accuracy contract the Triton backend meets).
-// Accumulators live in shared memory, so the softmax rescaling and masking are plain indexed code,
-// independent of the opaque WMMA fragment layouts.
+// Every kernel gives each warp a band of 16 rows. The fp16/bf16 forward keeps its operands in
+// registers in the mma.m16n8k16 fragment layouts (mma_sm80.cuh). The other kernels keep their tiles in
+// shared memory and compute products 16×16 output block by 16×16 output block (`warp_mma`): on tensor
+// cores through WMMA for fp16 and bf16 inputs (fp32 accumulation), with FMA for fp32 inputs, which
+// keeps fp32 exact to IEEE rounding (TF32 would fail the fp32 accuracy contract the Triton backend
+// meets). Their accumulators live in shared memory, so the softmax rescaling and masking are plain
+// indexed code, independent of the opaque WMMA fragment layouts.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include "mma_sm80.cuh"
 #include "synergistic_attention.h"
 
 namespace muse {
@@ -121,12 +123,18 @@ __device__ __forceinline__ BlockPlace block_place(int seq, int heads, int block_
 // (ROWS × D) tile of a (B, H, N, D) tensor's (b, h) slice, rows from `first`, zero past `seq`. 16-byte
 // loads and stores when the slice and its row stride allow them (the padded tile rows always do),
 // element by element otherwise.
+template <typename T>
+__device__ __forceinline__ bool rows_are_vectors(const T* slice, int64_t row_stride) {
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    return reinterpret_cast<uintptr_t>(slice) % 16 == 0 && row_stride % VEC == 0;
+}
+
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_rows(T* tile, const T* slice, int64_t row_stride, int first, int seq) {
     constexpr int LD = Pad<D>::kInput;
     constexpr int VEC = 16 / static_cast<int>(sizeof(T));
     static_assert(D % VEC == 0 && (LD * sizeof(T)) % 16 == 0, "tile rows must hold whole 16-byte vectors");
-    if (reinterpret_cast<uintptr_t>(slice) % 16 == 0 && row_stride % VEC == 0) {
+    if (rows_are_vectors(slice, row_stride)) {
         for (int i = threadIdx.x; i < ROWS * (D / VEC); i += THREADS) {
             const int r = i / (D / VEC), d = i % (D / VEC) * VEC;
             const int row = first + r;
@@ -140,6 +148,25 @@ __device__ __forceinline__ void load_rows(T* tile, const T* slice, int64_t row_s
         const int r = i / D, d = i % D;
         const int row = first + r;
         tile[r * LD + d] = row < seq ? slice[static_cast<int64_t>(row) * row_stride + d] : from_float<T>(0.f);
+    }
+}
+
+// load_rows through cp.async (16-byte copies, zero-filled past `seq`): in flight until the caller's
+// cp_async_wait; element by element, synchronously, when the slice's rows are not 16-byte vectors.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows_async(T* tile, const T* slice, int64_t row_stride, int first, int seq) {
+    constexpr int LD = Pad<D>::kInput;
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    static_assert(D % VEC == 0 && (LD * sizeof(T)) % 16 == 0, "tile rows must hold whole 16-byte vectors");
+    if (!rows_are_vectors(slice, row_stride)) {
+        load_rows<T, D, ROWS, THREADS>(tile, slice, row_stride, first, seq);
+        return;
+    }
+    for (int i = threadIdx.x; i < ROWS * (D / VEC); i += THREADS) {
+        const int r = i / (D / VEC), d = i % (D / VEC) * VEC;
+        const int row = first + r;
+        const bool inside = row < seq;
+        cp_async_16(tile + r * LD + d, inside ? slice + static_cast<int64_t>(row) * row_stride + d : slice, inside);
     }
 }
 
@@ -212,6 +239,8 @@ __device__ __forceinline__ void warp_mma(const T* a, int lda, const T* b, int ld
 template <typename T, int D>
 struct Blocks {
     static constexpr bool kWide = sizeof(T) == 2;
+    // The fp16/bf16 forward (registers, not shared memory, hold its accumulators): 4 warps.
+    static constexpr int kMmaFwdM = 64, kMmaFwdN = 64;
     static constexpr int kFwdM = (kWide && D == 64) ? 64 : 32;
     static constexpr int kFwdN = (!kWide && D == 128) ? 32 : 64;
     static constexpr int kDqM = (kWide && D == 64) ? 64 : ((!kWide && D == 128) ? 16 : 32);

@@ -1,15 +1,19 @@
-"""The CUDA C++ backend: every .cu compiles for sm_80 and sm_90 (CPU, with nvcc), clear errors
-without a GPU, and on a GPU the parity grid against the fp64 reference and the Triton backend, and a
-compute-sanitizer memcheck run."""
+"""The CUDA C++ backend: every .cu compiles for sm_80 and sm_90 (CPU, with nvcc), the register-resident
+fp16/bf16 forward does not spill (ptxas -v), clear errors without a GPU, and on a GPU the parity grid
+against the fp64 reference and the Triton backend, and a compute-sanitizer memcheck run."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,17 +34,77 @@ def test_sources_are_torch_free():
                                       if line.startswith("#include")), path.name
 
 
+@cache
+def _nvcc_build(source: str, arch: str) -> tuple[subprocess.CompletedProcess, int]:
+    """One nvcc build per (source, arch) and test session, with ptxas' resource report (-Xptxas -v)."""
+    with tempfile.TemporaryDirectory() as folder:
+        obj = Path(folder) / "out.o"
+        # -Werror: a warning in a kernel is a defect here; the static_asserts check the shared-memory budget
+        # of every (dtype, head dim) configuration.
+        cmd = [NVCC, "-std=c++17", "-O3", "-c", "-Werror", "all-warnings", "-Xptxas", "-v", "-gencode",
+               f"arch=compute_{arch},code=sm_{arch}", str(CSRC / source), "-o", str(obj)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        return result, obj.stat().st_size if obj.exists() else 0
+
+
+def ptxas_resources(report: str) -> dict[str, dict[str, int]]:
+    """Per compiled kernel (mangled name): registers, stack frame and spill bytes from ptxas -v."""
+    kernels = {}
+    for chunk in report.split("Compiling entry function '")[1:]:
+        name = chunk.split("'", 1)[0]
+        numbers = {key: int(match.group(1)) for key, pattern in (
+            ("registers", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
+            ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads"))
+            if (match := re.search(pattern, chunk))}
+        kernels[name] = numbers
+    return kernels
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ("80", "90"))
 @pytest.mark.parametrize("source", CUDA_FILES)
-def test_cuda_source_compiles(source, arch, tmp_path):
-    # -Werror: a warning in a kernel is a defect here; the static_asserts check the shared-memory budget
-    # of every (dtype, head dim) configuration.
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", "-Werror", "all-warnings", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
-           str(CSRC / source), "-o", str(tmp_path / "out.o")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def test_cuda_source_compiles(source, arch):
+    result, size = _nvcc_build(source, arch)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "out.o").stat().st_size > 0
+    assert size > 0
+
+
+# The fp16/bf16 forward keeps Q, S = Q·Kᵀ and the output accumulator in registers: a spill would move
+# them to local memory (slower than the shared memory the WMMA kernels stage through), defeating the
+# design, so the budget is 0 bytes of spills and of stack for every (input type, head dim) variant.
+MMA_FORWARD_SPILL_BUDGET = 0
+MMA_FORWARD_VARIANTS = [f"mma_forward_kernelI{t}Li{d}E" for t in ("6__half", "13__nv_bfloat16") for d in (64, 128)]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ("80", "90"))
+def test_register_resident_forward_does_not_spill(arch):
+    result, _ = _nvcc_build("synergistic_attention_fwd.cu", arch)
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = ptxas_resources(result.stdout + result.stderr)
+    for variant in MMA_FORWARD_VARIANTS:
+        found = {name: numbers for name, numbers in kernels.items() if variant in name}
+        assert len(found) == 1, f"ptxas reported {len(found)} kernels matching {variant}: {sorted(kernels)}"
+        (name, numbers), = found.items()
+        assert {"registers", "stack", "spill_stores", "spill_loads"} <= numbers.keys(), (name, numbers)
+        spilled = numbers["spill_stores"] + numbers["spill_loads"] + numbers["stack"]
+        assert spilled <= MMA_FORWARD_SPILL_BUDGET, f"sm_{arch} {variant}: {numbers}"
+
+
+def test_ptxas_report_parsing_sees_spills():
+    report = """ptxas info    : Compiling entry function '_Z1av' for 'sm_80'
+ptxas info    : Function properties for _Z1av
+    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 368 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z1bv' for 'sm_80'
+ptxas info    : Function properties for _Z1bv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 368 bytes cmem[0]
+"""
+    assert ptxas_resources(report) == {
+        "_Z1av": {"registers": 255, "stack": 24, "spill_stores": 16, "spill_loads": 8},
+        "_Z1bv": {"registers": 40, "stack": 0, "spill_stores": 0, "spill_loads": 0},
+    }
 
 
 def test_cuda_ops_are_registered():
