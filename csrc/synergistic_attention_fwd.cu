@@ -373,10 +373,10 @@ struct MapsSmem {
     static_assert(kCarving.bytes <= kMaxSmem, "maps tiles exceed the shared-memory budget");
 };
 
-// One block per (map, query block, key block): P = exp2(s − lse2), summed over the heads for a
-// head-mean map.
+// fp32 maps: one block per (map, query block, key block): P = exp2(s − lse2), summed over the heads
+// for a head-mean map, in shared memory.
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) {
+__global__ void __launch_bounds__(BM / 16 * 32) fp32_maps_kernel(const MapsParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = MapsSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -435,6 +435,112 @@ __global__ void __launch_bounds__(BM / 16 * 32) maps_kernel(const MapsParams p) 
     }
 }
 
+// fp16/bf16 maps: one block per (map, BM query rows, BN keys); S = Q·Kᵀ in registers as in the forward,
+// P = exp2(s − lse2) summed in registers over the heads of a head-mean map, then stored once. The Q and
+// K tiles of head i + 1 are fetched (cp.async) while head i is used.
+template <typename T, int D, int BM, int BN>
+struct MmaMapsSmem {
+    static constexpr int LD = Pad<D>::kInput;
+    enum { kQ, kK };  // two buffers each
+    static constexpr Carving<2> kCarving = carve({2 * tile_bytes<T>(BM, LD), 2 * tile_bytes<T>(BN, LD)});
+    static_assert(kCarving.bytes <= kMaxSmem, "maps tiles exceed the shared-memory budget");
+};
+
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) mma_maps_kernel(const MapsParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    constexpr int K_STEPS = D / 16;
+    constexpr int S_BLOCKS = BN / 8;
+    using Smem = MmaMapsSmem<T, D, BM, BN>;
+    constexpr int LD = Smem::LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tiles = region<T>(smem, kAt, Smem::kQ);
+    T* k_tiles = region<T>(smem, kAt, Smem::kK);
+
+    const int seq = p.shape.seq, heads = p.shape.heads;
+    const int m_blocks = (seq + BM - 1) / BM, n_blocks = (seq + BN - 1) / BN;
+    const int64_t tiles = int64_t{m_blocks} * n_blocks;
+    const int64_t map = blockIdx.x / tiles;
+    const int64_t tile = blockIdx.x % tiles;
+    const int m0 = static_cast<int>(tile / n_blocks) * BM, n0 = static_cast<int>(tile % n_blocks) * BN;
+    const int64_t b = p.head_mean ? map : map / heads;
+    const int first_head = p.head_mean ? 0 : static_cast<int>(map % heads);
+    const int num_heads = p.head_mean ? heads : 1;
+    const int lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * 16;
+    const int group = lane >> 2, pair = lane & 3;
+    const int ld_row = lane & 7, ld_matrix = lane >> 3;
+    const int rows[2] = {m0 + r0 + group, m0 + r0 + group + 8};
+
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + first_head * p.q_strides.h;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + first_head * p.k_strides.h;
+    float acc[S_BLOCKS][4];
+#pragma unroll
+    for (int j = 0; j < S_BLOCKS; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    load_rows_async<T, D, BM, THREADS>(q_tiles, q, p.q_strides.n, m0, seq);
+    load_rows_async<T, D, BN, THREADS>(k_tiles, k, p.k_strides.n, n0, seq);
+    cp_async_commit();
+    for (int step = 0; step < num_heads; ++step) {
+        if (step + 1 < num_heads) {
+            // The other buffers were last read before the previous iteration's closing barrier.
+            const int next = (step + 1) & 1;
+            load_rows_async<T, D, BM, THREADS>(q_tiles + next * BM * LD, q + (step + 1) * p.q_strides.h,
+                                               p.q_strides.n, m0, seq);
+            load_rows_async<T, D, BN, THREADS>(k_tiles + next * BN * LD, k + (step + 1) * p.k_strides.h,
+                                               p.k_strides.n, n0, seq);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* q_tile = q_tiles + (step & 1) * BM * LD;
+        const T* k_tile = k_tiles + (step & 1) * BN * LD;
+        float s[S_BLOCKS][4];
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < K_STEPS; ++ks) {
+            uint32_t qa[4];
+            ldmatrix_x4(qa, q_tile + (r0 + (ld_matrix & 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix >> 1) * 8);
+#pragma unroll
+            for (int nb = 0; nb < BN / 16; ++nb) {
+                uint32_t kb[4];
+                ldmatrix_x4(kb, k_tile + (nb * 16 + (ld_matrix >> 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix & 1) * 8);
+                const uint32_t first[2] = {kb[0], kb[1]}, second[2] = {kb[2], kb[3]};
+                mma_m16n8k16<T>(s[2 * nb], qa, first);
+                mma_m16n8k16<T>(s[2 * nb + 1], qa, second);
+            }
+        }
+        const float* lse = p.lse + (b * heads + first_head + step) * seq;
+        const float row_lse[2] = {rows[0] < seq ? lse[rows[0]] : 0.f, rows[1] < seq ? lse[rows[1]] : 0.f};
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] += exp2f(s[j][e] * p.qk_scale_log2 - row_lse[e >> 1]);
+        }
+        __syncthreads();  // every warp is done with this head's buffers before the next fetch refills them
+    }
+
+    const float weight = p.head_mean ? 1.f / heads : 1.f;
+    const int64_t base = b * p.attn_strides.b + (p.head_mean ? 0 : first_head * p.attn_strides.h);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= seq) continue;
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int col = n0 + 8 * j + 2 * pair + c;
+                if (col < seq) {
+                    store_map(p.attn, p.attn_dtype, base + rows[r] * p.attn_strides.m + col * p.attn_strides.n,
+                              acc[j][2 * r + c] * weight);
+                }
+            }
+        }
+    }
+}
+
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
@@ -450,13 +556,23 @@ cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
     }
 }
 
+template <typename T, int D, int BM, int BN>
+int64_t maps_blocks(const MapsParams& p) {
+    const int64_t maps = int64_t{p.shape.batch} * (p.head_mean ? 1 : p.shape.heads);
+    return maps * ((p.shape.seq + BM - 1) / BM) * ((p.shape.seq + BN - 1) / BN);
+}
+
 template <typename T, int D>
 cudaError_t maps_typed(const MapsParams& p, cudaStream_t stream) {
-    constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
-    const int64_t maps = int64_t{p.shape.batch} * (p.head_mean ? 1 : p.shape.heads);
-    const int64_t blocks = maps * ((p.shape.seq + BM - 1) / BM) * ((p.shape.seq + BN - 1) / BN);
-    return launch(maps_kernel<T, D, BM, BN>, blocks, BM / 16 * 32, MapsSmem<T, D, BM, BN>::kCarving.bytes, stream,
-                  p);
+    if constexpr (std::is_same_v<T, float>) {
+        constexpr int BM = Blocks<T, D>::kFwdM, BN = Blocks<T, D>::kFwdN;
+        return launch(fp32_maps_kernel<T, D, BM, BN>, maps_blocks<T, D, BM, BN>(p), BM / 16 * 32,
+                      MapsSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+    } else {
+        constexpr int BM = Blocks<T, D>::kMmaFwdM, BN = Blocks<T, D>::kMmaFwdN;
+        return launch(mma_maps_kernel<T, D, BM, BN>, maps_blocks<T, D, BM, BN>(p), BM / 16 * 32,
+                      MmaMapsSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+    }
 }
 
 template <typename T, int D>

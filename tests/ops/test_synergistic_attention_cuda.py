@@ -69,16 +69,18 @@ def test_cuda_source_compiles(source, arch):
     assert size > 0
 
 
-# The fp16/bf16 forward keeps Q, S = Q·Kᵀ and the output accumulator in registers: a spill would move
-# them to local memory (slower than the shared memory the WMMA kernels stage through), defeating the
-# design, so the budget is 0 bytes of spills and of stack for every (input type, head dim) variant.
+# The fp16/bf16 forward and maps kernels keep Q, S = Q·Kᵀ and the accumulators in registers: a spill
+# would move them to local memory (slower than the shared memory the WMMA kernels stage through),
+# defeating the design, so the budget is 0 bytes of spills and of stack for every (kernel, input type,
+# head dim) variant.
 MMA_FORWARD_SPILL_BUDGET = 0
-MMA_FORWARD_VARIANTS = [f"mma_forward_kernelI{t}Li{d}E" for t in ("6__half", "13__nv_bfloat16") for d in (64, 128)]
+MMA_FORWARD_VARIANTS = [f"mma_{kernel}_kernelI{t}Li{d}E" for kernel in ("forward", "maps")
+                        for t in ("6__half", "13__nv_bfloat16") for d in (64, 128)]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ("80", "90"))
-def test_register_resident_forward_does_not_spill(arch):
+def test_register_resident_forward_kernels_do_not_spill(arch):
     result, _ = _nvcc_build("synergistic_attention_fwd.cu", arch)
     assert result.returncode == 0, result.stderr[-4000:]
     kernels = ptxas_resources(result.stdout + result.stderr)
