@@ -155,24 +155,34 @@ def _maps_specs(cfg, dim: int, t: str, precision: str, general: tuple, mask_poin
         for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES)]
 
 
-# (HEAD_MEAN, HAS_V, map dtypes) of single-pass launches: attention with maps of either kind, and the
-# head-mean topology loss, which may run without V and reads an fp32 mean map.
-_SINGLE_PASS_PATHS = ((False, True, _ATTN_DTYPES), (True, True, _ATTN_DTYPES), (True, False, (torch.float32,)))
+# (HEAD_MEAN, HAS_V, TEACHER, map dtypes, teacher dtypes) of single-pass launches: attention with maps
+# of either kind; head-mean maps without V; and the fused head-mean topology loss, with or without V,
+# whose map tensor is its fp32 gradient.
+_SINGLE_PASS_PATHS = (
+    (False, True, False, _ATTN_DTYPES, (None,)), (True, True, False, _ATTN_DTYPES, (None,)),
+    (True, False, False, (torch.float32,), (None,)),
+    *((True, has_v, True, (torch.float32,), _ATTN_DTYPES) for has_v in (False, True)),
+)
 
 
 def _single_pass_specs(sa, dim: int, dtype: torch.dtype, precision: str) -> list[KernelSpec]:
     t = _TRITON_DTYPE[dtype]
     specs = []
     for key_tile in sa.SINGLE_PASS_KEY_TILES.get(dim, ()):
-        for head_mean, has_v, attn_dtypes in _SINGLE_PASS_PATHS:
-            cfg = sa.single_pass_config(key_tile, dim, dtype, head_mean)
-            for attn_dtype in attn_dtypes:
+        for head_mean, has_v, teacher, attn_dtypes, teacher_dtypes in _SINGLE_PASS_PATHS:
+            if teacher and key_tile not in sa.SINGLE_PASS_LOSS_KEY_TILES[dim]:
+                continue
+            cfg = sa.single_pass_config(key_tile, dim, dtype, head_mean, teacher)
+            for attn_dtype, teacher_dtype in itertools.product(attn_dtypes, teacher_dtypes):
                 specs.append(KernelSpec(
                     "_synergistic_attention_single_pass_kernel",
                     (("Q", t), ("K", t), ("V", t if has_v else "fp32"), ("Out", t if has_v else "fp32"),
-                     ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype])),
+                     ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype]),
+                     ("Teacher", "fp32" if teacher_dtype is None else _TRITON_DTYPE[teacher_dtype]),
+                     ("RowLoss", "fp32")),
                     (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_KEYS", key_tile),
-                     ("HEAD_MEAN", head_mean), ("HAS_V", has_v), ("INPUT_PRECISION", precision)),
+                     ("HEAD_MEAN", head_mean), ("HAS_V", has_v), ("TEACHER", teacher),
+                     ("INPUT_PRECISION", precision)),
                     cfg.num_warps, cfg.num_stages))
     return specs
 

@@ -288,21 +288,27 @@ def _single_pass_head(
 
 @triton.jit
 def _synergistic_attention_single_pass_kernel(
-    Q, K, V, Out, Lse, Attn,
+    Q, K, V, Out, Lse, Attn, Teacher, RowLoss,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, N, qk_scale_log2,
+    stride_tb, stride_tm,
+    H, N, qk_scale_log2, eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KEYS: tl.constexpr,
-    HEAD_MEAN: tl.constexpr, HAS_V: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_MEAN: tl.constexpr, HAS_V: tl.constexpr, TEACHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Output, LSE and normalized maps of MUSE's self-attention when every key fits in one tile
     (N ≤ BLOCK_KEYS): one Q·Kᵀ per head, the maps written straight from the score tile. Per-head maps:
     one program per (batch·head, query block). Head-mean maps: one program per (batch, query block)
     runs every head and writes the (B, N, N) mean once, accumulated in registers. The maps are the
     launcher's own contiguous tensors, so their strides are not arguments: the compiler knows the rows
-    are contiguous."""
+    are contiguous.
+
+    TEACHER (head-mean only): the official topology loss's tail runs on the mean still in registers,
+    so s̄ never goes to memory. RowLoss (B, N) gets Σ_j t·log t − t·log(s̄ + eps) and Attn, in place
+    of s̄, the loss's map gradient −t / (s̄ + eps), which the backward reads, times the upstream
+    gradient and 1 / (B·N) (``dattn_kl_scale``)."""
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(N, BLOCK_M)
     map_idx = pid // num_m_blocks
@@ -323,8 +329,18 @@ def _synergistic_attention_single_pass_kernel(
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 H, N, qk_scale_log2, HAS_V, INPUT_PRECISION)
-        tl.store(Attn + b * N * N + a_offsets, (mean / H).to(Attn.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        mean = mean / H
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if TEACHER:
+            t = tl.load(Teacher + b * stride_tb + offs_m[:, None] * stride_tm + offs_k[None, :],
+                        mask=tile_ok, other=0.0).to(tl.float32)
+            denom = mean + eps
+            # As the unfused loss computes it (xlogy(t, t) − t·log(s̄ + eps)); padded keys add nothing.
+            terms = t * tl.log(tl.where(t == 0.0, 1.0, t)) - t * tl.log(denom)
+            tl.store(RowLoss + b * N + offs_m, tl.sum(tl.where(tile_ok, terms, 0.0), 1), mask=row_ok)
+            tl.store(Attn + b * N * N + a_offsets, -t / denom, mask=tile_ok)
+        else:
+            tl.store(Attn + b * N * N + a_offsets, mean.to(Attn.dtype.element_ty), mask=tile_ok)
     else:
         b = (map_idx // H).to(tl.int64)
         h = (map_idx % H).to(tl.int64)
@@ -335,6 +351,17 @@ def _synergistic_attention_single_pass_kernel(
             H, N, qk_scale_log2, HAS_V, INPUT_PRECISION)
         tl.store(Attn + map_idx.to(tl.int64) * N * N + a_offsets, attn.to(Attn.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _map_grad_weight(KlGrad, attn_grad_weight, dattn_kl_scale):
+    """The map gradient's weight: 1/H for head-mean maps, and, for the fused head-mean loss's map
+    gradient (``dattn_kl_scale`` ≠ 0), the loss's upstream gradient (read on the device: no host sync)
+    times 1/(B·N)."""
+    weight = attn_grad_weight
+    if dattn_kl_scale != 0.0:
+        weight = attn_grad_weight * dattn_kl_scale * tl.load(KlGrad).to(tl.float32)
+    return weight
 
 
 @triton.jit(do_not_specialize=GENERAL_SCALARS)
@@ -350,7 +377,7 @@ def _synergistic_attention_bwd_dq_kernel(
     stride_rb, stride_rh, stride_rm,
     stride_dqb, stride_dqh, stride_dqn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale, dattn_kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, GENERAL: tl.constexpr, MASK: tl.constexpr,
@@ -385,6 +412,8 @@ def _synergistic_attention_bwd_dq_kernel(
     da_base = dAttn + b * stride_dab + h * stride_dah + offs_m[:, None].to(tl.int64) * stride_dam
     t_base = Teacher + b * stride_tb + h * stride_th + offs_m[:, None].to(tl.int64) * stride_tm
     mask_base = Mask + b * stride_mb + h * stride_mh
+    if HAS_DATTN:
+        da_weight = _map_grad_weight(KlGrad, attn_grad_weight, dattn_kl_scale)
     if TEACHER:
         # dKL/dS = (Σ_j t)·A − t per row, times the upstream gradient and the mean's 1/count.
         kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
@@ -413,7 +442,7 @@ def _synergistic_attention_bwd_dq_kernel(
                 p = tl.exp2(s - lse[:, None])
             da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            delta += tl.sum(p * (da.to(tl.float32) * attn_grad_weight), 1)
+            delta += tl.sum(p * (da.to(tl.float32) * da_weight), 1)
     tl.store(Delta + bh.to(tl.int64) * N + offs_m, delta, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -439,7 +468,7 @@ def _synergistic_attention_bwd_dq_kernel(
             if HAS_DATTN:
                 da = tl.load(da_base + cols[None, :].to(tl.int64) * stride_dan,
                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                dp += da.to(tl.float32) * attn_grad_weight
+                dp += da.to(tl.float32) * da_weight
             ds = p * (dp - delta[:, None])
         if TEACHER:
             t = tl.load(t_base + cols[None, :].to(tl.int64) * stride_tn,
@@ -463,7 +492,7 @@ def _synergistic_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2, sm_scale, attn_grad_weight, kl_scale, dattn_kl_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_TO_QK: tl.constexpr, HAS_DATTN: tl.constexpr, TEACHER: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -503,6 +532,8 @@ def _synergistic_attention_bwd_dkdv_kernel(
     if OUT_TO_QK:
         v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=col_ok[:, None], other=0.0)
+    if HAS_DATTN:
+        da_weight = _map_grad_weight(KlGrad, attn_grad_weight, dattn_kl_scale)
     if TEACHER:
         kl_weight = tl.load(KlGrad).to(tl.float32) * kl_scale
 
@@ -547,7 +578,7 @@ def _synergistic_attention_bwd_dkdv_kernel(
                     if HAS_DATTN:
                         da_t = tl.load(da_base + rows[None, :].to(tl.int64) * stride_dam,
                                        mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-                        dp_t += da_t.to(tl.float32) * attn_grad_weight
+                        dp_t += da_t.to(tl.float32) * da_weight
                     delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
                     ds_t = p_t * (dp_t - delta[None, :])
                 if TEACHER:
@@ -607,6 +638,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
 # dims and fp32 inputs take the two-kernel path (flash forward + maps kernel).
 SINGLE_PASS_KEY_TILES = {16: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256)}
 SINGLE_PASS_DTYPES = (torch.float16, torch.bfloat16)
+# The fused head-mean loss (``head_mean_kl_forward``): at head dim 16 the 128-key tile spilled in every
+# launch config tried (4-16 warps, 16-128 query rows) once the loss tail sits beside V's output.
+SINGLE_PASS_LOSS_KEY_TILES = {16: (64,), 32: (64, 128, 256), 64: (64, 128, 256)}
 
 
 def single_pass_key_tile(seq: int, head_dim: int, dtype: torch.dtype) -> int | None:
@@ -618,16 +652,20 @@ def single_pass_key_tile(seq: int, head_dim: int, dtype: torch.dtype) -> int | N
     return next((tile for tile in SINGLE_PASS_KEY_TILES.get(head_dim, ()) if seq <= tile), None)
 
 
-def single_pass_config(key_tile: int, head_dim: int, dtype: torch.dtype, head_mean: bool) -> LaunchConfig:
+def single_pass_config(key_tile: int, head_dim: int, dtype: torch.dtype, head_mean: bool,
+                       teacher: bool = False) -> LaunchConfig:
     """``block_n`` is the key tile. Chosen so that no aligned configuration spills on sm_80 / sm_90
     (``muse_kernels.aot`` reports registers and local memory); not yet timed on a GPU. Head-mean maps
-    hold a second (running-mean) tile, hence the smaller query tiles."""
+    hold a second (running-mean) tile, hence the smaller query tiles; the fused loss (``teacher``)
+    runs on the finished mean, after the per-head tiles are dead."""
     if not head_mean:
         block_m, warps = (64, 4) if key_tile <= 128 else (32, 8)
     elif key_tile == 64:
         block_m, warps = 64, 4
     elif key_tile == 128:
-        block_m, warps = 32, 4
+        # With the loss tail and V, 32 query rows spilled at head dim 32 (and every config tried at 16:
+        # ``SINGLE_PASS_LOSS_KEY_TILES``).
+        block_m, warps = (16, 4) if teacher and head_dim == 32 else (32, 4)
     else:
         block_m, warps = (32, 8) if head_dim == 64 else (16, 4)
     return LaunchConfig(block_m=block_m, block_n=key_tile, num_warps=warps, num_stages=1)
@@ -744,7 +782,8 @@ def synergistic_attention_forward(
     lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
     key_tile = None if map_mode == "none" or gen.enabled or teacher is not None else single_pass_key_tile(seq, dim, q.dtype)
     if key_tile is not None:
-        return (*_single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile), lse, None)
+        out, attn, _ = _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile)
+        return out, attn, lse, None
     row_kl = None if teacher is None else torch.empty_like(lse)
     precision = _input_precision(q.dtype)
     qk_scale_log2 = scale * LOG2E
@@ -785,23 +824,44 @@ def synergistic_attention_forward(
     return out, attn, lse, row_kl
 
 
-def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile):
-    """(out, attn) from ``_synergistic_attention_single_pass_kernel``; fills ``out`` and ``lse``."""
+def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile, teacher=None, eps=0.0):
+    """(out, attn, row_loss or None) from ``_synergistic_attention_single_pass_kernel``; fills ``out``
+    and ``lse``. With a (B, N, N) ``teacher`` (head-mean maps), ``attn`` is the loss's map gradient."""
     bsz, heads, seq, dim = q.shape
     head_mean = map_mode == "head_mean"
     attn = torch.empty((bsz, seq, seq) if head_mean else (bsz, heads, seq, seq), device=q.device, dtype=attn_dtype)
-    cfg = single_pass_config(key_tile, dim, q.dtype, head_mean)
+    row_loss = None if teacher is None else torch.empty(bsz, seq, device=q.device, dtype=torch.float32)
+    cfg = single_pass_config(key_tile, dim, q.dtype, head_mean, teacher is not None)
     grid = ((bsz if head_mean else bsz * heads) * triton.cdiv(seq, cfg.block_m),)
-    # Without V, lse stands in for the absent tensors (a valid pointer the kernel never dereferences).
+    # Absent tensors are passed as lse, a valid pointer the kernel never dereferences.
     _synergistic_attention_single_pass_kernel[grid](
         q, k, lse if v is None else v, lse if out is None else out, lse, attn,
+        lse if teacher is None else teacher, lse if row_loss is None else row_loss,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(k if v is None else v),
-        *_bhn_strides(k if out is None else out),
-        heads, seq, scale * LOG2E,
+        *_bhn_strides(k if out is None else out), *((0, 0) if teacher is None else teacher.stride()[:2]),
+        heads, seq, scale * LOG2E, eps,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_KEYS=key_tile, HEAD_MEAN=head_mean, HAS_V=v is not None,
-        INPUT_PRECISION=_input_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TEACHER=teacher is not None, INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, attn
+    return out, attn, row_loss
+
+
+def head_mean_kl_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor, scale: float, eps: float,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The official (head-mean) topology loss in one kernel: (out or None, loss, lse2, map gradient
+    −t / (s̄ + eps), fp32 (B, N, N)); None where the single-pass forward does not apply (see
+    ``single_pass_key_tile``), and the caller composes the loss from the head-mean maps instead."""
+    bsz, heads, seq, dim = q.shape
+    key_tile = single_pass_key_tile(seq, dim, q.dtype)
+    if key_tile not in SINGLE_PASS_LOSS_KEY_TILES.get(dim, ()):
+        return None
+    out = None if v is None else new_output_like(v)
+    lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+    out, map_grad, row_loss = _single_pass_forward(q, k, v, out, lse, scale, "head_mean", torch.float32, key_tile,
+                                                   teacher, eps)
+    return out, row_loss.mean(), lse, map_grad
 
 
 def synergistic_attention_backward(
@@ -810,17 +870,20 @@ def synergistic_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, out: torch.Tensor | None, lse: torch.Tensor,
     scale: float, shield: bool = True,
     teacher: torch.Tensor | None = None, kl_grad: torch.Tensor | None = None, kl_scale: float = 0.0,
-    *, attn_mask: torch.Tensor | None = None, causal: bool = False,
+    *, dattn_kl_scale: float = 0.0, attn_mask: torch.Tensor | None = None, causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv) of the attention outputs and, optionally, of a per-head KL term.
 
     ``grad_attn`` is (B, H, N, N) for per-head maps or (B, N, N) for head-mean maps (each head then
     receives 1/H of it). With ``teacher``, the per-head KL's gradient ``kl_grad · kl_scale ·
     (rowsum(t)·A − t)`` (``kl_grad`` a 0-dim tensor, read on the device: no host sync) is added to
-    the logits' gradient. dv is None without ``v``, zero when ``grad_out`` is None. The general path
+    the logits' gradient. Without a teacher, a nonzero ``dattn_kl_scale`` scales ``grad_attn`` by
+    ``kl_grad · dattn_kl_scale`` (the fused head-mean loss's map gradient, ``head_mean_kl_forward``). dv is None without ``v``, zero when ``grad_out`` is None. The general path
     (``attn_mask``, ``causal``, GQA, N_q ≠ N_k) is unshielded and takes no teacher.
     """
     bsz, heads, seq, dim = q.shape
+    if dattn_kl_scale != 0.0 and (grad_attn is None or kl_grad is None or teacher is not None):
+        raise ValueError("dattn_kl_scale scales grad_attn by kl_grad: both must be given, and no teacher")
     gen = general_args(q, k, attn_mask, causal)
     if gen.enabled:
         if shield or teacher is not None:
@@ -854,7 +917,7 @@ def synergistic_attention_backward(
         H=heads, N=seq, N_K=gen.n_keys, kv_group=gen.kv_group, causal_offset=gen.causal_offset,
         qk_scale_log2=scale * LOG2E, sm_scale=scale,
         attn_grad_weight=1.0 / heads if grad_attn is not None and grad_attn.dim() == 3 else 1.0,
-        kl_scale=kl_scale,
+        kl_scale=kl_scale, dattn_kl_scale=dattn_kl_scale,
     )
     cfg = bwd_config(dim, q.dtype)
     flags = dict(HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, OUT_TO_QK=out_to_qk,
