@@ -1,7 +1,9 @@
 // Synergistic attention backward: two deterministic kernels (no atomics), as in the Triton backend.
 //
-//  * dq_kernel, one block per query block: Δ = rowsum(P ⊙ dP) (dO·O for the output path, plus one
-//    pass over the keys for the maps' gradient), stored for the other kernel, then dQ = scale·dS·K.
+//  * a dQ kernel, one block per query block: Δ = rowsum(P ⊙ dP) (dO·O for the output path, plus one
+//    pass over the keys for the maps' gradient), stored for the other kernel, then dQ = scale·dS·K;
+//    register-resident mma.sync fragments for fp16/bf16 (mma_dq_kernel), shared-memory tiles and FMA
+//    products for fp32 (fp32_dq_kernel).
 //  * dkdv_kernel, one block per key block: dV = Pᵀ·dO and dK = scale·dSᵀ·Q.
 // dS = P ⊙ (dP − Δ) with dP = (maps' gradient) + (dO·Vᵀ only when the shield is off), plus a per-head
 // KL's (rowsum(t)·P − t) when a teacher is given: with the shield on, the output gradient never reaches
@@ -42,7 +44,7 @@ struct DqSmem {
 };
 
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(BM / 16 * 32) fp32_dq_kernel(const BackwardParams p) {
     constexpr int THREADS = BM / 16 * 32;
     using Smem = DqSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -166,6 +168,189 @@ __global__ void __launch_bounds__(BM / 16 * 32) dq_kernel(const BackwardParams p
         if (row >= seq) break;
         for (int d = lane; d < D; d += 32) {
             dq[row * p.dq_strides.n + d] = from_float<T>(dq_acc[r * Smem::LDO + d] * p.sm_scale);
+        }
+    }
+}
+
+// fp16/bf16 dQ kernel on register-resident fragments (layouts as in the forward, mma_sm80.cuh): warp w
+// owns query rows [16w, 16w + 16); S = Q·Kᵀ and dP = dO·Vᵀ are fp32 registers, dS is formed in place
+// and repacked as the A fragment of dQ += dS·K (K read transposed by ldmatrix), dQ stays in registers.
+// Q and dO stay in shared memory (their fragments are reloaded per k step, which keeps the register
+// count down); K and V tiles are double-buffered with cp.async.
+template <typename T, int D, int BM, int BN>
+struct MmaDqSmem {
+    static constexpr int LD = Pad<D>::kInput;
+    enum { kQ, kDout, kK, kV, kLse, kDelta };  // K and V: two buffers each
+    static constexpr Carving<6> kCarving =
+        carve({tile_bytes<T>(BM, LD), tile_bytes<T>(BM, LD), 2 * tile_bytes<T>(BN, LD), 2 * tile_bytes<T>(BN, LD),
+               tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1)});
+    static_assert(kCarving.bytes <= kMaxSmem, "dQ tiles exceed the shared-memory budget");
+};
+
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) mma_dq_kernel(const BackwardParams p) {
+    constexpr int THREADS = BM / 16 * 32;
+    constexpr int S_BLOCKS = BN / 8, O_BLOCKS = D / 8;
+    using Smem = MmaDqSmem<T, D, BM, BN>;
+    constexpr int LD = Smem::LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr auto kAt = Smem::kCarving;
+    T* q_tile = region<T>(smem, kAt, Smem::kQ);
+    T* do_tile = region<T>(smem, kAt, Smem::kDout);
+    T* k_tiles = region<T>(smem, kAt, Smem::kK);
+    T* v_tiles = region<T>(smem, kAt, Smem::kV);
+    float* lse = region<float>(smem, kAt, Smem::kLse);
+    float* delta = region<float>(smem, kAt, Smem::kDelta);
+
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BM);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int m0 = place.first, lane = place.lane, r0 = place.band;
+    const int group = lane >> 2, pair = lane & 3, ld_row = lane & 7, ld_matrix = lane >> 3;
+    const int rows[2] = {m0 + r0 + group, m0 + r0 + group + 8};
+    const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
+    const int tiles = (seq + BN - 1) / BN;
+
+    const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h;
+    load_rows_async<T, D, BM, THREADS>(q_tile, static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h,
+                                       p.q_strides.n, m0, seq);
+    if (p.out_to_qk) {
+        load_rows_async<T, D, BM, THREADS>(
+            do_tile, static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b + h * p.grad_out_strides.h,
+            p.grad_out_strides.n, m0, seq);
+    }
+    cp_async_commit();
+    // rowsum(P ⊙ dO·Vᵀ) = rowsum(dO ⊙ O): the output path's share of Δ without a pass over the keys.
+    const T* out = static_cast<const T*>(p.out) + b * p.out_strides.b + h * p.out_strides.h;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b + h * p.grad_out_strides.h;
+    for (int r = r0; r < r0 + 16; ++r) {
+        const int row = m0 + r;
+        float partial = 0.f;
+        if (p.out_to_qk && row < seq) {
+            for (int d = lane; d < D; d += 32) {
+                partial += to_float(out[row * p.out_strides.n + d]) * to_float(dout[row * p.grad_out_strides.n + d]);
+            }
+        }
+        partial = warp_sum(partial);
+        if (lane == 0) {
+            delta[r] = partial;
+            lse[r] = row < seq ? p.lse[bh * seq + row] : 0.f;
+        }
+    }
+    __syncwarp();  // the band's lse and Δ (this warp's rows only) are visible to its lanes
+    const float row_lse[2] = {lse[r0 + group], lse[r0 + group + 8]};
+
+    // One pass over the key tiles (K only, to Δ's map share), then one (K and, unshielded, V) to dQ.
+    // Both double-buffer their tiles: tile j + 1 is in flight while tile j is used.
+    const auto issue = [&](int tile, bool with_v) {
+        const int buffer = tile & 1;
+        load_rows_async<T, D, BN, THREADS>(k_tiles + buffer * BN * LD, k, p.k_strides.n, tile * BN, seq);
+        if (with_v) load_rows_async<T, D, BN, THREADS>(v_tiles + buffer * BN * LD, v, p.v_strides.n, tile * BN, seq);
+        cp_async_commit();
+    };
+    const auto wait_for = [&](int tile, bool with_v) {
+        if (tile + 1 < tiles) {
+            issue(tile + 1, with_v);  // the other buffers were last read before the previous closing barrier
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+    };
+
+    float map_share[2] = {0.f, 0.f};
+    if (p.has_grad_attn) {
+        issue(0, false);
+        for (int tile = 0; tile < tiles; ++tile) {
+            wait_for(tile, false);
+            float s[S_BLOCKS][4];
+            warp_rows_times_rows_t<T, D, BN, LD>(s, q_tile, k_tiles + (tile & 1) * BN * LD, r0, lane);
+#pragma unroll
+            for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = rows[e >> 1], col = tile * BN + 8 * j + 2 * pair + (e & 1);
+                    if (row < seq && col < seq) {
+                        const float prob = exp2f(s[j][e] * p.qk_scale_log2 - row_lse[e >> 1]);
+                        map_share[e >> 1] += prob * grad_attn_at(p, b, h, row, col);
+                    }
+                }
+            }
+            __syncthreads();  // every warp is done with this tile's buffer before it is refilled
+        }
+    }
+    float row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float share = map_share[r] + __shfl_xor_sync(0xffffffffu, map_share[r], 1);
+        share += __shfl_xor_sync(0xffffffffu, share, 2);
+        row_delta[r] = delta[r0 + group + 8 * r] + share;
+        if (pair == 0 && rows[r] < seq) p.delta[bh * seq + rows[r]] = row_delta[r];
+    }
+
+    float dq[O_BLOCKS][4];
+#pragma unroll
+    for (int j = 0; j < O_BLOCKS; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+    issue(0, p.out_to_qk);
+    for (int tile = 0; tile < tiles; ++tile) {
+        wait_for(tile, p.out_to_qk);  // at tile 0 also Q and dO
+        const int n0 = tile * BN;
+        const T* k_tile = k_tiles + (tile & 1) * BN * LD;
+        float s[S_BLOCKS][4], dp[S_BLOCKS][4];
+        warp_rows_times_rows_t<T, D, BN, LD>(s, q_tile, k_tile, r0, lane);
+        if (p.out_to_qk) {
+            warp_rows_times_rows_t<T, D, BN, LD>(dp, do_tile, v_tiles + (tile & 1) * BN * LD, r0, lane);
+        } else {
+#pragma unroll
+            for (int j = 0; j < S_BLOCKS; ++j) dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+        }
+        // dS in place of S: row rows[e >> 1], key n0 + 8j + 2·pair + (e & 1).
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = rows[e >> 1], col = n0 + 8 * j + 2 * pair + (e & 1);
+                float ds = 0.f;
+                if (row < seq && col < seq) {
+                    const float prob = exp2f(s[j][e] * p.qk_scale_log2 - row_lse[e >> 1]);
+                    float dpv = dp[j][e];
+                    if (p.has_grad_attn) dpv += grad_attn_at(p, b, h, row, col);
+                    ds = prob * (dpv - row_delta[e >> 1]);
+                    if (p.has_teacher) ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
+                }
+                s[j][e] = ds;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const uint32_t a[4] = {pack_floats<T>(s[2 * kk][0], s[2 * kk][1]), pack_floats<T>(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_floats<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_floats<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dpair = 0; dpair < D / 16; ++dpair) {
+                // K as dQ's B operand (k = key, n = dim): matrix m holds keys 16kk + 8·(m & 1), dims
+                // 16·dpair + 8·(m >> 1), read transposed.
+                uint32_t kb[4];
+                ldmatrix_x4_trans(kb, k_tile + (kk * 16 + (ld_matrix & 1) * 8 + ld_row) * LD + dpair * 16 +
+                                          (ld_matrix >> 1) * 8);
+                const uint32_t first[2] = {kb[0], kb[1]}, second[2] = {kb[2], kb[3]};
+                mma_m16n8k16<T>(dq[2 * dpair], a, first);
+                mma_m16n8k16<T>(dq[2 * dpair + 1], a, second);
+            }
+        }
+        __syncthreads();  // every warp is done with this tile's buffers before they are refilled
+    }
+
+    T* dq_out = static_cast<T*>(p.dq) + b * p.dq_strides.b + h * p.dq_strides.h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= seq) continue;
+        T* dq_row = dq_out + static_cast<int64_t>(rows[r]) * p.dq_strides.n + 2 * pair;
+#pragma unroll
+        for (int j = 0; j < O_BLOCKS; ++j) {
+            dq_row[8 * j] = from_float<T>(dq[j][2 * r] * p.sm_scale);
+            dq_row[8 * j + 1] = from_float<T>(dq[j][2 * r + 1] * p.sm_scale);
         }
     }
 }
@@ -319,9 +504,16 @@ struct BackwardOp {
     static cudaError_t run(const BackwardParams& p, cudaStream_t stream) {
         const int64_t bh = int64_t{p.shape.batch} * p.shape.heads;
         if (p.compute_dqk) {
-            constexpr int BM = Blocks<T, D>::kDqM, BN = Blocks<T, D>::kDqN;
-            const cudaError_t err = launch(dq_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BM - 1) / BM),
-                                           BM / 16 * 32, DqSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+            cudaError_t err;
+            if constexpr (std::is_same_v<T, float>) {
+                constexpr int BM = Blocks<T, D>::kDqM, BN = Blocks<T, D>::kDqN;
+                err = launch(fp32_dq_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BM - 1) / BM), BM / 16 * 32,
+                             DqSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+            } else {
+                constexpr int BM = Blocks<T, D>::kMmaDqM, BN = Blocks<T, D>::kMmaDqN;
+                err = launch(mma_dq_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BM - 1) / BM), BM / 16 * 32,
+                             MmaDqSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+            }
             if (err != cudaSuccess) return err;
         }
         constexpr int BM = Blocks<T, D>::kDkvM, BN = Blocks<T, D>::kDkvN;

@@ -449,7 +449,6 @@ struct MmaMapsSmem {
 template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(BM / 16 * 32) mma_maps_kernel(const MapsParams p) {
     constexpr int THREADS = BM / 16 * 32;
-    constexpr int K_STEPS = D / 16;
     constexpr int S_BLOCKS = BN / 8;
     using Smem = MmaMapsSmem<T, D, BM, BN>;
     constexpr int LD = Smem::LD;
@@ -469,7 +468,6 @@ __global__ void __launch_bounds__(BM / 16 * 32) mma_maps_kernel(const MapsParams
     const int num_heads = p.head_mean ? heads : 1;
     const int lane = threadIdx.x % 32, r0 = threadIdx.x / 32 * 16;
     const int group = lane >> 2, pair = lane & 3;
-    const int ld_row = lane & 7, ld_matrix = lane >> 3;
     const int rows[2] = {m0 + r0 + group, m0 + r0 + group + 8};
 
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + first_head * p.q_strides.h;
@@ -497,21 +495,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) mma_maps_kernel(const MapsParams
         const T* q_tile = q_tiles + (step & 1) * BM * LD;
         const T* k_tile = k_tiles + (step & 1) * BN * LD;
         float s[S_BLOCKS][4];
-#pragma unroll
-        for (int j = 0; j < S_BLOCKS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < K_STEPS; ++ks) {
-            uint32_t qa[4];
-            ldmatrix_x4(qa, q_tile + (r0 + (ld_matrix & 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix >> 1) * 8);
-#pragma unroll
-            for (int nb = 0; nb < BN / 16; ++nb) {
-                uint32_t kb[4];
-                ldmatrix_x4(kb, k_tile + (nb * 16 + (ld_matrix >> 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix & 1) * 8);
-                const uint32_t first[2] = {kb[0], kb[1]}, second[2] = {kb[2], kb[3]};
-                mma_m16n8k16<T>(s[2 * nb], qa, first);
-                mma_m16n8k16<T>(s[2 * nb + 1], qa, second);
-            }
-        }
+        warp_rows_times_rows_t<T, D, BN, LD>(s, q_tile, k_tile, r0, lane);
         const float* lse = p.lse + (b * heads + first_head + step) * seq;
         const float row_lse[2] = {rows[0] < seq ? lse[rows[0]] : 0.f, rows[1] < seq ? lse[rows[1]] : 0.f};
 #pragma unroll

@@ -234,6 +234,32 @@ __device__ __forceinline__ void warp_mma(const T* a, int lda, const T* b, int ld
     }
 }
 
+// s = A·Bᵀ for the warp's 16 rows [r0, r0 + 16) of `a_tile` and the BN rows of `b_tile` (both row-major,
+// D wide, leading dimension LD, in shared memory), as mma.m16n8k16 C fragments: s[j] holds columns
+// [8j, 8j + 8). A's fragments are loaded per k step (not held), B's by ldmatrix.x4 two column blocks at a
+// time: matrix m holds B rows 16·nb + 8·(m >> 1), columns 16·ks + 8·(m & 1), i.e. b0b1, b2b3 of blocks
+// 2nb, 2nb + 1.
+template <typename T, int D, int BN, int LD>
+__device__ __forceinline__ void warp_rows_times_rows_t(float (&s)[BN / 8][4], const T* a_tile, const T* b_tile,
+                                                       int r0, int lane) {
+    const int ld_row = lane & 7, ld_matrix = lane >> 3;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_tile + (r0 + (ld_matrix & 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix >> 1) * 8);
+#pragma unroll
+        for (int nb = 0; nb < BN / 16; ++nb) {
+            uint32_t bb[4];
+            ldmatrix_x4(bb, b_tile + (nb * 16 + (ld_matrix >> 1) * 8 + ld_row) * LD + ks * 16 + (ld_matrix & 1) * 8);
+            const uint32_t first[2] = {bb[0], bb[1]}, second[2] = {bb[2], bb[3]};
+            mma_m16n8k16<T>(s[2 * nb], a, first);
+            mma_m16n8k16<T>(s[2 * nb + 1], a, second);
+        }
+    }
+}
+
 // Kernel configurations: query block BM, key block BN per (input type, head dim). Chosen so that
 // every kernel fits in 99 KB of shared memory (sm_80 and sm_86/89 alike).
 template <typename T, int D>
@@ -241,6 +267,7 @@ struct Blocks {
     static constexpr bool kWide = sizeof(T) == 2;
     // The fp16/bf16 forward (registers, not shared memory, hold its accumulators): 4 warps.
     static constexpr int kMmaFwdM = 64, kMmaFwdN = 64;
+    static constexpr int kMmaDqM = 64, kMmaDqN = D == 64 ? 64 : 32;
     static constexpr int kFwdM = (kWide && D == 64) ? 64 : 32;
     static constexpr int kFwdN = (!kWide && D == 128) ? 32 : 64;
     static constexpr int kDqM = (kWide && D == 64) ? 64 : ((!kWide && D == 128) ? 16 : 32);

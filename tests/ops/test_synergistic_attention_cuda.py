@@ -1,5 +1,5 @@
 """The CUDA C++ backend: every .cu compiles for sm_80 and sm_90 (CPU, with nvcc), the register-resident
-fp16/bf16 forward does not spill (ptxas -v), clear errors without a GPU, and on a GPU the parity grid
+fp16/bf16 kernels do not spill (ptxas -v), clear errors without a GPU, and on a GPU the parity grid
 against the fp64 reference and the Triton backend, and a compute-sanitizer memcheck run."""
 
 from __future__ import annotations
@@ -69,28 +69,30 @@ def test_cuda_source_compiles(source, arch):
     assert size > 0
 
 
-# The fp16/bf16 forward and maps kernels keep Q, S = Q·Kᵀ and the accumulators in registers: a spill
+# The fp16/bf16 forward, maps and dQ kernels keep Q·Kᵀ and their accumulators in registers: a spill
 # would move them to local memory (slower than the shared memory the WMMA kernels stage through),
 # defeating the design, so the budget is 0 bytes of spills and of stack for every (kernel, input type,
 # head dim) variant.
-MMA_FORWARD_SPILL_BUDGET = 0
-MMA_FORWARD_VARIANTS = [f"mma_{kernel}_kernelI{t}Li{d}E" for kernel in ("forward", "maps")
-                        for t in ("6__half", "13__nv_bfloat16") for d in (64, 128)]
+MMA_SPILL_BUDGET = 0
+MMA_KERNELS = {"synergistic_attention_fwd.cu": ("forward", "maps"), "synergistic_attention_bwd.cu": ("dq",)}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ("80", "90"))
-def test_register_resident_forward_kernels_do_not_spill(arch):
-    result, _ = _nvcc_build("synergistic_attention_fwd.cu", arch)
+@pytest.mark.parametrize("source", sorted(MMA_KERNELS))
+def test_register_resident_kernels_do_not_spill(source, arch):
+    result, _ = _nvcc_build(source, arch)
     assert result.returncode == 0, result.stderr[-4000:]
     kernels = ptxas_resources(result.stdout + result.stderr)
-    for variant in MMA_FORWARD_VARIANTS:
+    variants = [f"mma_{kernel}_kernelI{t}Li{d}E" for kernel in MMA_KERNELS[source]
+                for t in ("6__half", "13__nv_bfloat16") for d in (64, 128)]
+    for variant in variants:
         found = {name: numbers for name, numbers in kernels.items() if variant in name}
         assert len(found) == 1, f"ptxas reported {len(found)} kernels matching {variant}: {sorted(kernels)}"
         (name, numbers), = found.items()
         assert {"registers", "stack", "spill_stores", "spill_loads"} <= numbers.keys(), (name, numbers)
         spilled = numbers["spill_stores"] + numbers["spill_loads"] + numbers["stack"]
-        assert spilled <= MMA_FORWARD_SPILL_BUDGET, f"sm_{arch} {variant}: {numbers}"
+        assert spilled <= MMA_SPILL_BUDGET, f"sm_{arch} {variant}: {numbers}"
 
 
 def test_ptxas_report_parsing_sees_spills():
