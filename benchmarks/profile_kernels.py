@@ -14,13 +14,14 @@ import collections
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
 import torch
 
 from benchmarks.common import SkipCase, provenance
-from benchmarks.run import OPS, shape_set
+from benchmarks.run import OPS, _interrupt, shape_set
 
 log = logging.getLogger("benchmarks")
 
@@ -69,6 +70,62 @@ def host_profile(fn, calls: int, top: int) -> str:
     return text.getvalue()
 
 
+def profile_cases(args, device: torch.device, rows: list[dict]) -> None:
+    """Profiles every selected case, appending one row per case to ``rows`` as it goes."""
+    for op in args.ops:
+        module = OPS[op]
+        shapes = module.shape_set(args.shapes) if hasattr(module, "shape_set") else shape_set(args.shapes)
+        providers = [p for p in args.providers if p in module.PROVIDERS]
+        modes = [m for m in (args.modes or module.MODES) if m in module.MODES]
+        variants = [v for v in (args.variants or module.VARIANTS) if v in module.VARIANTS]
+        for case in module.cases(shapes, torch.bfloat16, device, providers, modes, variants):
+            label = f"{case.op} · {case.variant} · {case.mode} · {case.shape} · {case.provider}"
+            try:
+                fn = case.setup()
+            except SkipCase as skip:
+                log.info("skip %s: %s", label, skip)
+                continue
+            try:
+                for _ in range(3):
+                    fn()
+                wall = wall_ms_per_call(fn, args.calls)
+                kernel_ms, kernels = kernel_breakdown(fn, args.calls)
+            except (RuntimeError, ValueError):
+                # One provider failing at one case is reported; the other cases still get profiled.
+                log.exception("%s failed", label)
+                continue
+            if args.host_profile:
+                log.info("%s: host time by function over %d calls\n%s", label, args.calls,
+                         host_profile(fn, args.calls, args.host_profile))
+            rows.append(dict(op=case.op, variant=case.variant, mode=case.mode, shape=case.shape,
+                             provider=case.provider, wall_ms=wall, kernel_ms=kernel_ms,
+                             kernels=[dict(name=n, ms=ms, launches=c) for n, ms, c in kernels]))
+            top = "; ".join(f"{n[:60]} {ms * 1e3:.0f} µs ×{c}" for n, ms, c in kernels[:args.top])
+            log.info("%s: wall %.3f ms, kernels %.3f ms (%d launches) — %s", label, wall, kernel_ms,
+                     sum(c for _, _, c in kernels), top)
+
+
+def write_profile(rows: list[dict], info: dict, out_dir: str, top: int = 4) -> dict[str, str]:
+    """profile.json (rows with provenance) and profile.md (a table) in ``out_dir``; returns {kind: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "profile.json"), "markdown": os.path.join(out_dir, "profile.md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"provenance": info, "rows": rows}, f, indent=1)
+    with open(paths["markdown"], "w") as f:
+        f.write(f"Device: {info.get('gpu')}, torch {info['torch']}, triton {info['triton']}, git {info['git_sha']}, "
+                f"{info['date']}\nCommand: `{info['command']}`\n\n"
+                "| op | variant | mode | shape | provider | wall ms/call | kernel ms/call | host µs/call | kernels |\n"
+                "|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            kernels = "<br>".join(f"`{k['name'][:70]}` {k['ms'] * 1e3:.1f} µs ×{k['launches']}"
+                                  for k in r["kernels"][:top])
+            shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+            f.write(f"| {r['op']} | {r['variant']} | {r['mode']} | {shape} | {r['provider']} | "
+                    f"{r['wall_ms']:.3f} | {r['kernel_ms']:.3f} | {(r['wall_ms'] - r['kernel_ms']) * 1e3:.0f} | "
+                    f"{kernels} |\n")
+    return paths
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=["synergistic_attention", "topology_kl_loss"])
@@ -89,47 +146,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     info = provenance(device, argv if argv is not None else sys.argv[1:], "benchmarks.profile_kernels")
     rows = []
-    for op in args.ops:
-        module = OPS[op]
-        shapes = module.shape_set(args.shapes) if hasattr(module, "shape_set") else shape_set(args.shapes)
-        providers = [p for p in args.providers if p in module.PROVIDERS]
-        modes = [m for m in (args.modes or module.MODES) if m in module.MODES]
-        variants = [v for v in (args.variants or module.VARIANTS) if v in module.VARIANTS]
-        for case in module.cases(shapes, torch.bfloat16, device, providers, modes, variants):
-            label = f"{case.op} · {case.variant} · {case.mode} · {case.shape} · {case.provider}"
-            try:
-                fn = case.setup()
-            except SkipCase as skip:
-                log.info("skip %s: %s", label, skip)
-                continue
-            for _ in range(3):
-                fn()
-            wall = wall_ms_per_call(fn, args.calls)
-            kernel_ms, kernels = kernel_breakdown(fn, args.calls)
-            if args.host_profile:
-                log.info("%s: host time by function over %d calls\n%s", label, args.calls,
-                         host_profile(fn, args.calls, args.host_profile))
-            rows.append(dict(op=case.op, variant=case.variant, mode=case.mode, shape=case.shape,
-                             provider=case.provider, wall_ms=wall, kernel_ms=kernel_ms,
-                             kernels=[dict(name=n, ms=ms, launches=c) for n, ms, c in kernels]))
-            top = "; ".join(f"{n[:60]} {ms * 1e3:.0f} µs ×{c}" for n, ms, c in kernels[:args.top])
-            log.info("%s: wall %.3f ms, kernels %.3f ms (%d launches) — %s", label, wall, kernel_ms,
-                     sum(c for _, _, c in kernels), top)
+    # A time limit's SIGTERM still writes the cases profiled so far, as benchmarks.run does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        profile_cases(args, device, rows)
+    except KeyboardInterrupt:
+        log.warning("interrupted after %d cases: writing those", len(rows))
+        info["interrupted_after"] = f"{len(rows)} cases"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "profile.json"), "w") as f:
-            json.dump({"provenance": info, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "profile.md"), "w") as f:
-            f.write(f"Device: {info.get('gpu')}, torch {info['torch']}, triton {info['triton']}, git {info['git_sha']}, "
-                    f"{info['date']}\nCommand: `{info['command']}`\n\n"
-                    "| op | variant | mode | shape | provider | wall ms/call | kernel ms/call | kernels |\n"
-                    "|---|---|---|---|---|---|---|---|\n")
-            for r in rows:
-                top = "<br>".join(f"`{k['name'][:70]}` {k['ms'] * 1e3:.1f} µs ×{k['launches']}"
-                                  for k in r["kernels"][:args.top])
-                shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
-                f.write(f"| {r['op']} | {r['variant']} | {r['mode']} | {shape} | {r['provider']} | "
-                        f"{r['wall_ms']:.3f} | {r['kernel_ms']:.3f} | {top} |\n")
+        write_profile(rows, info, args.out, args.top)
     return 0
 
 
