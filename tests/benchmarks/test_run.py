@@ -161,3 +161,16 @@ def test_the_default_output_folder_is_outside_the_source_tree_or_git_ignored(tmp
     assert not out.startswith(package + os.sep)
     ignored = subprocess.run(["git", "check-ignore", "-q", os.path.relpath(out, root)], cwd=root)
     assert ignored.returncode == 0, f"{out} is not git-ignored"
+
+
+def test_a_run_folder_is_read_by_the_targets_command(smoke_run, capsys):
+    from benchmarks.targets import ROWS, load_run_folder, main as targets_main
+
+    out, data = smoke_run
+    folder = load_run_folder(str(out))
+    assert len(folder.results) == len(data["results"]) and folder.timing_basis == "wall"
+    assert targets_main([str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    # On CPU no row's GPU cases are measured: every row is listed, none met.
+    assert all(f"| {row.target}" in table for row in ROWS)
+    assert "| met |" not in table and "`python -m benchmarks.run --smoke" in table
