@@ -4,7 +4,8 @@
 //    pass over the keys for the maps' gradient), stored for the other kernel, then dQ = scale·dS·K;
 //    register-resident mma.sync fragments for fp16/bf16 (mma_dq_kernel), shared-memory tiles and FMA
 //    products for fp32 (fp32_dq_kernel).
-//  * dkdv_kernel, one block per key block: dV = Pᵀ·dO and dK = scale·dSᵀ·Q.
+//  * a dK/dV kernel, one block per key block: dV = Pᵀ·dO and dK = scale·dSᵀ·Q; register-resident for
+//    fp16/bf16 at D = 64 (mma_dkdv_kernel), shared-memory tiles otherwise (smem_dkdv_kernel).
 // dS = P ⊙ (dP − Δ) with dP = (maps' gradient) + (dO·Vᵀ only when the shield is off), plus a per-head
 // KL's (rowsum(t)·P − t) when a teacher is given: with the shield on, the output gradient never reaches
 // Q and K.
@@ -172,6 +173,29 @@ __global__ void __launch_bounds__(BM / 16 * 32) fp32_dq_kernel(const BackwardPar
     }
 }
 
+// acc (+)= OP·B for the warp's 16 rows: OP (16 × K, K = BM) in C fragments (op[j] holds columns
+// [8j, 8j + 8)), repacked in registers as A fragments; B (K × D) a row-major tile in shared memory, read
+// transposed: matrix m holds rows 16kk + 8·(m & 1), columns 16·dpair + 8·(m >> 1).
+template <typename T, int D, int K, int LD>
+__device__ __forceinline__ void accumulate_product(float (&acc)[D / 8][4], const float (&op)[K / 8][4],
+                                                   const T* b_tile, int lane) {
+    const int ld_row = lane & 7, ld_matrix = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        const uint32_t a[4] = {pack_floats<T>(op[2 * kk][0], op[2 * kk][1]), pack_floats<T>(op[2 * kk][2], op[2 * kk][3]),
+                               pack_floats<T>(op[2 * kk + 1][0], op[2 * kk + 1][1]),
+                               pack_floats<T>(op[2 * kk + 1][2], op[2 * kk + 1][3])};
+#pragma unroll
+        for (int dpair = 0; dpair < D / 16; ++dpair) {
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, b_tile + (kk * 16 + (ld_matrix & 1) * 8 + ld_row) * LD + dpair * 16 + (ld_matrix >> 1) * 8);
+            const uint32_t first[2] = {bb[0], bb[1]}, second[2] = {bb[2], bb[3]};
+            mma_m16n8k16<T>(acc[2 * dpair], a, first);
+            mma_m16n8k16<T>(acc[2 * dpair + 1], a, second);
+        }
+    }
+}
+
 // fp16/bf16 dQ kernel on register-resident fragments (layouts as in the forward, mma_sm80.cuh): warp w
 // owns query rows [16w, 16w + 16); S = Q·Kᵀ and dP = dO·Vᵀ are fp32 registers, dS is formed in place
 // and repacked as the A fragment of dQ += dS·K (K read transposed by ldmatrix), dQ stays in registers.
@@ -206,7 +230,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) mma_dq_kernel(const BackwardPara
     const BlockPlace place = block_place(seq, p.shape.heads, BM);
     const int64_t bh = place.bh, b = place.b, h = place.h;
     const int m0 = place.first, lane = place.lane, r0 = place.band;
-    const int group = lane >> 2, pair = lane & 3, ld_row = lane & 7, ld_matrix = lane >> 3;
+    const int group = lane >> 2, pair = lane & 3;
     const int rows[2] = {m0 + r0 + group, m0 + r0 + group + 8};
     const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
     const int tiles = (seq + BN - 1) / BN;
@@ -322,23 +346,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) mma_dq_kernel(const BackwardPara
                 s[j][e] = ds;
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const uint32_t a[4] = {pack_floats<T>(s[2 * kk][0], s[2 * kk][1]), pack_floats<T>(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_floats<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_floats<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dpair = 0; dpair < D / 16; ++dpair) {
-                // K as dQ's B operand (k = key, n = dim): matrix m holds keys 16kk + 8·(m & 1), dims
-                // 16·dpair + 8·(m >> 1), read transposed.
-                uint32_t kb[4];
-                ldmatrix_x4_trans(kb, k_tile + (kk * 16 + (ld_matrix & 1) * 8 + ld_row) * LD + dpair * 16 +
-                                          (ld_matrix >> 1) * 8);
-                const uint32_t first[2] = {kb[0], kb[1]}, second[2] = {kb[2], kb[3]};
-                mma_m16n8k16<T>(dq[2 * dpair], a, first);
-                mma_m16n8k16<T>(dq[2 * dpair + 1], a, second);
-            }
-        }
+        accumulate_product<T, D, BN, LD>(dq, s, k_tile, lane);  // dQ += dS·K
         __syncthreads();  // every warp is done with this tile's buffers before they are refilled
     }
 
@@ -367,9 +375,10 @@ struct DkvSmem {
     static_assert(kCarving.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
 };
 
-// Warp w owns key rows [16w, 16w + 16) of the block; tiles are transposed (key rows × query columns).
+// fp32 inputs, and fp16/bf16 at D = 128: warp w owns key rows [16w, 16w + 16) of the block; tiles are
+// transposed (key rows × query columns), in shared memory, products by warp_mma (FMA, or WMMA).
 template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(BN / 16 * 32) smem_dkdv_kernel(const BackwardParams p) {
     constexpr int THREADS = BN / 16 * 32;
     using Smem = DkvSmem<T, D, BM, BN>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -499,6 +508,174 @@ __global__ void __launch_bounds__(BN / 16 * 32) dkdv_kernel(const BackwardParams
     }
 }
 
+// fp16/bf16 dK/dV kernel on register-resident fragments: warp w owns key rows [16w, 16w + 16) of the
+// block and keeps dK, dV in registers. Per query tile, Sᵀ = K·Qᵀ (and, unshielded, dPᵀ = V·dOᵀ) are fp32
+// registers with key rows and query columns; Pᵀ, then dSᵀ, repacked in registers, are the A fragments of
+// dV += Pᵀ·dO and dK += dSᵀ·Q (dO and Q read transposed by ldmatrix). Q and dO tiles are
+// double-buffered with cp.async; the per-query LSE, Δ and the staged map tile are loaded synchronously.
+template <typename T, int D, int BM, int BN>
+struct MmaDkvSmem {
+    static constexpr int LD = Pad<D>::kInput;
+    static constexpr int LDM = BN + 1;  // odd: reading a column of the staged map is free of bank conflicts
+    enum { kK, kV, kQ, kDout, kLse, kDelta, kMap };  // Q and dO: two buffers each
+    static constexpr Carving<7> kCarving =
+        carve({tile_bytes<T>(BN, LD), tile_bytes<T>(BN, LD), 2 * tile_bytes<T>(BM, LD), 2 * tile_bytes<T>(BM, LD),
+               tile_bytes<float>(BM, 1), tile_bytes<float>(BM, 1), tile_bytes<float>(BM, LDM)});
+    static_assert(kCarving.bytes <= kMaxSmem, "dK/dV tiles exceed the shared-memory budget");
+};
+
+template <typename T, int D, int BM, int BN>
+__global__ void __launch_bounds__(BN / 16 * 32) mma_dkdv_kernel(const BackwardParams p) {
+    constexpr int THREADS = BN / 16 * 32;
+    constexpr int S_BLOCKS = BM / 8, O_BLOCKS = D / 8;
+    using Smem = MmaDkvSmem<T, D, BM, BN>;
+    constexpr int LD = Smem::LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr auto kAt = Smem::kCarving;
+    T* k_tile = region<T>(smem, kAt, Smem::kK);
+    T* v_tile = region<T>(smem, kAt, Smem::kV);
+    T* q_tiles = region<T>(smem, kAt, Smem::kQ);
+    T* do_tiles = region<T>(smem, kAt, Smem::kDout);
+    float* lse = region<float>(smem, kAt, Smem::kLse);
+    float* delta = region<float>(smem, kAt, Smem::kDelta);
+    // The (query × key) tile of the maps' gradient, or of the teacher, read row by row (coalesced) and
+    // used column by column: a warp here owns key rows, so reading the map directly would stride.
+    float* map_tile = region<float>(smem, kAt, Smem::kMap);
+
+    const int seq = p.shape.seq;
+    const BlockPlace place = block_place(seq, p.shape.heads, BN);
+    const int64_t bh = place.bh, b = place.b, h = place.h;
+    const int n0 = place.first, lane = place.lane, r0 = place.band;
+    const int group = lane >> 2, pair = lane & 3;
+    const int keys[2] = {n0 + r0 + group, n0 + r0 + group + 8};
+    const float kl_weight = p.has_teacher ? *p.kl_grad * p.kl_scale : 0.f;
+    const bool need_dout = p.compute_dv || p.out_to_qk;
+    // One staged map per block: the maps' gradient, else the teacher (the API never passes both).
+    const bool stage_grad_attn = p.compute_dqk && p.has_grad_attn;
+    const bool stage_teacher = p.compute_dqk && p.has_teacher && !p.has_grad_attn;
+    const int tiles = (seq + BM - 1) / BM;
+
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
+    const T* dout = static_cast<const T*>(p.grad_out) + b * p.grad_out_strides.b + h * p.grad_out_strides.h;
+    load_rows_async<T, D, BN, THREADS>(k_tile, static_cast<const T*>(p.k) + b * p.k_strides.b + h * p.k_strides.h,
+                                       p.k_strides.n, n0, seq);
+    if (p.out_to_qk) {
+        load_rows_async<T, D, BN, THREADS>(v_tile, static_cast<const T*>(p.v) + b * p.v_strides.b + h * p.v_strides.h,
+                                           p.v_strides.n, n0, seq);
+    }
+    load_rows_async<T, D, BM, THREADS>(q_tiles, q, p.q_strides.n, 0, seq);
+    if (need_dout) load_rows_async<T, D, BM, THREADS>(do_tiles, dout, p.grad_out_strides.n, 0, seq);
+    cp_async_commit();
+
+    float dk[O_BLOCKS][4], dv[O_BLOCKS][4];
+#pragma unroll
+    for (int j = 0; j < O_BLOCKS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+    }
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int m0 = tile * BM;
+        if (tile + 1 < tiles) {
+            // The other buffers, and the single LSE/Δ/map buffers, were last read before the previous
+            // iteration's closing barrier.
+            const int next = (tile + 1) & 1;
+            load_rows_async<T, D, BM, THREADS>(q_tiles + next * BM * LD, q, p.q_strides.n, m0 + BM, seq);
+            if (need_dout) {
+                load_rows_async<T, D, BM, THREADS>(do_tiles + next * BM * LD, dout, p.grad_out_strides.n, m0 + BM, seq);
+            }
+            cp_async_commit();
+        }
+        for (int c = threadIdx.x; c < BM; c += THREADS) {
+            const int row = m0 + c;
+            // +inf for padded query rows makes their probabilities exactly 0.
+            lse[c] = row < seq ? p.lse[bh * seq + row] : INFINITY;
+            delta[c] = row < seq && p.compute_dqk ? p.delta[bh * seq + row] : 0.f;
+        }
+        if (stage_grad_attn || stage_teacher) {
+            for (int i = threadIdx.x; i < BM * BN; i += THREADS) {
+                const int c = i / BN, r = i % BN;
+                const int row = m0 + c, col = n0 + r;
+                float value = 0.f;
+                if (row < seq && col < seq) {
+                    value = stage_grad_attn ? grad_attn_at(p, b, h, row, col) : teacher_at(p, b, h, row, col);
+                }
+                map_tile[c * Smem::LDM + r] = value;
+            }
+        }
+        if (tile + 1 < tiles) {
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* q_tile = q_tiles + (tile & 1) * BM * LD;
+        const T* do_tile = do_tiles + (tile & 1) * BM * LD;
+
+        // st[j][e]: key keys[e >> 1], query m0 + 8j + 2·pair + (e & 1) (column index c in the tile).
+        float st[S_BLOCKS][4];
+        warp_rows_times_rows_t<T, D, BM, LD>(st, k_tile, q_tile, r0, lane);
+#pragma unroll
+        for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = 8 * j + 2 * pair + (e & 1);
+                st[j][e] = keys[e >> 1] < seq ? exp2f(st[j][e] * p.qk_scale_log2 - lse[c]) : 0.f;
+            }
+        }
+        if (p.compute_dv) accumulate_product<T, D, BM, LD>(dv, st, do_tile, lane);
+        if (p.compute_dqk) {
+            float dpt[S_BLOCKS][4];
+            if (p.out_to_qk) {
+                warp_rows_times_rows_t<T, D, BM, LD>(dpt, v_tile, do_tile, r0, lane);
+            } else {
+#pragma unroll
+                for (int j = 0; j < S_BLOCKS; ++j) dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.f;
+            }
+            // dSᵀ in place of dPᵀ.
+#pragma unroll
+            for (int j = 0; j < S_BLOCKS; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 8 * j + 2 * pair + (e & 1), r = r0 + group + 8 * (e >> 1);
+                    const int row = m0 + c, col = keys[e >> 1];
+                    float ds = 0.f;
+                    if (row < seq && col < seq) {
+                        const float prob = st[j][e];
+                        float dp = dpt[j][e];
+                        if (stage_grad_attn) dp += map_tile[c * Smem::LDM + r];
+                        ds = prob * (dp - delta[c]);
+                        if (stage_teacher) {
+                            ds += kl_logit_grad(p, kl_weight, b, h, row, prob, map_tile[c * Smem::LDM + r]);
+                        } else if (p.has_teacher) {
+                            ds += kl_logit_grad(p, kl_weight, b, h, row, prob, teacher_at(p, b, h, row, col));
+                        }
+                    }
+                    dpt[j][e] = ds;
+                }
+            }
+            accumulate_product<T, D, BM, LD>(dk, dpt, q_tile, lane);
+        }
+        __syncthreads();  // every warp is done with this tile's buffers before they are refilled
+    }
+
+    T* dk_out = static_cast<T*>(p.dk) + b * p.dk_strides.b + h * p.dk_strides.h;
+    T* dv_out = static_cast<T*>(p.dv) + b * p.dv_strides.b + h * p.dv_strides.h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= seq) continue;
+#pragma unroll
+        for (int j = 0; j < O_BLOCKS; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int d = 8 * j + 2 * pair + c;
+                if (p.compute_dqk) dk_out[keys[r] * p.dk_strides.n + d] = from_float<T>(dk[j][2 * r + c] * p.sm_scale);
+                if (p.compute_dv) dv_out[keys[r] * p.dv_strides.n + d] = from_float<T>(dv[j][2 * r + c]);
+            }
+        }
+    }
+}
+
 template <typename T, int D>
 struct BackwardOp {
     static cudaError_t run(const BackwardParams& p, cudaStream_t stream) {
@@ -516,9 +693,17 @@ struct BackwardOp {
             }
             if (err != cudaSuccess) return err;
         }
-        constexpr int BM = Blocks<T, D>::kDkvM, BN = Blocks<T, D>::kDkvN;
-        return launch(dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32,
-                      DkvSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+        // At D = 128 the register-resident kernel's dK and dV (128 fp32 registers per lane) spill, so fp16
+        // and bf16 keep the shared-memory kernel there.
+        if constexpr (std::is_same_v<T, float> || D == 128) {
+            constexpr int BM = Blocks<T, D>::kDkvM, BN = Blocks<T, D>::kDkvN;
+            return launch(smem_dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32,
+                          DkvSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+        } else {
+            constexpr int BM = Blocks<T, D>::kMmaDkvM, BN = Blocks<T, D>::kMmaDkvN;
+            return launch(mma_dkdv_kernel<T, D, BM, BN>, bh * ((p.shape.seq + BN - 1) / BN), BN / 16 * 32,
+                          MmaDkvSmem<T, D, BM, BN>::kCarving.bytes, stream, p);
+        }
     }
 };
 

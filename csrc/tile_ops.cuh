@@ -268,6 +268,7 @@ struct Blocks {
     // The fp16/bf16 forward (registers, not shared memory, hold its accumulators): 4 warps.
     static constexpr int kMmaFwdM = 64, kMmaFwdN = 64;
     static constexpr int kMmaDqM = 64, kMmaDqN = D == 64 ? 64 : 32;
+    static constexpr int kMmaDkvM = 64, kMmaDkvN = 64;  // D = 64 only (see BackwardOp)
     static constexpr int kFwdM = (kWide && D == 64) ? 64 : 32;
     static constexpr int kFwdN = (!kWide && D == 128) ? 32 : 64;
     static constexpr int kDqM = (kWide && D == 64) ? 64 : ((!kWide && D == 128) ? 16 : 32);
