@@ -1,11 +1,14 @@
 """Time the Triton kernels' launch configurations: ``python -m benchmarks.tune_configs [--seq ...]``.
 
-The kernels use fixed launch configurations (``fwd_config``, ``maps_config``, ``bwd_config`` in
-``muse_kernels/ops/synergistic_attention.py``) so that every one is compiled ahead of time and
-checked against the shared-memory limit. This script times candidate configurations of each kernel
-family on the current GPU, launching the kernels directly (no autograd, no dispatcher), checks that
-each candidate computes what the current configuration does, and prints the fastest: the evidence for
-changing a configuration.
+The kernels take their launch configurations from a committed table
+(``muse_kernels/ops/launch_configs.json``, read by ``fwd_config``, ``maps_config``, ``bwd_config``)
+so that every one is compiled ahead of time and checked against the shared-memory and spill limits.
+This script times candidate configurations of each kernel family on the current GPU, launching the
+kernels directly (no autograd, no dispatcher), checks that each candidate computes what the current
+configuration does, and prints the fastest: the evidence for changing a configuration. With
+``--write-table`` it also writes the fastest correct configuration per tuned N into the table (the
+largest tuned N becomes the any-N entry), with the GPU and date as the entry's source; run
+``python -m muse_kernels.aot`` afterwards to compile and check the new entries.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def tune(family: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> l
     try:
         for block_m, block_n, warps, stages in CANDIDATES[family]:
             config = ops.LaunchConfig(block_m, block_n, warps, stages)
-            setattr(ops, name, lambda head_dim, dt, c=config: c)
+            setattr(ops, name, lambda head_dim, dt, seq, c=config: c)
             fn = runner(family, q, k, v, scale)
             try:
                 got = fn()
@@ -71,10 +74,42 @@ def tune(family: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> l
             err = max((g.float() - r).abs().max().item() for g, r in zip(got, reference))
             ms = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5])
             rows.append(dict(family=family, config=config.__dict__, ms=ms, max_diff_vs_current=err,
-                             current=config == current(shape[-1], dtype)))
+                             current=config == current(shape[-1], dtype, shape[2])))
     finally:
         setattr(ops, name, current)
     return rows
+
+
+def table_entries(results: list[dict], dtype_name: str, source: str, tolerance: float = 1e-2) -> list[dict]:
+    """Table entries from tuning rows: per (family, head dim), the fastest candidate that matches the
+    current configuration within ``tolerance`` at each tuned N; the largest N's entry covers any N."""
+    best = {}
+    for row in results:
+        if "ms" not in row or row["max_diff_vs_current"] > tolerance:
+            continue
+        key = (row["family"], row["shape"][3], row["shape"][2])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    entries = []
+    for family, dim in sorted({key[:2] for key in best}):
+        seqs = sorted(seq for f, d, seq in best if (f, d) == (family, dim))
+        for seq in seqs:
+            config = best[(family, dim, seq)]["config"]
+            entries.append(dict(kernel=family, variant="", head_dim=dim, dtype=dtype_name,
+                                max_seq=None if seq == seqs[-1] else seq, **config, source=source))
+    return entries
+
+
+def write_table(path: str, entries: list[dict]) -> None:
+    """Replaces the table's entries for every (kernel, variant, head dim, dtype) that ``entries`` cover."""
+    with open(path) as f:
+        table = json.load(f)
+    covered = {(e["kernel"], e["variant"], e["head_dim"], e["dtype"]) for e in entries}
+    kept = [e for e in table["entries"] if (e["kernel"], e["variant"], e["head_dim"], e["dtype"]) not in covered]
+    table["entries"] = kept + entries
+    lines = ",\n".join("  " + json.dumps(e) for e in table["entries"])
+    with open(path, "w") as f:
+        f.write('{\n "about": ' + json.dumps(table["about"]) + ',\n "entries": [\n' + lines + "\n ]\n}\n")
 
 
 def main(argv=None) -> int:
@@ -85,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--batch-heads", type=int, default=256, help="B·H (as B=B·H/8, H=8)")
     parser.add_argument("--out", help="write tune.json here")
+    parser.add_argument("--write-table", action="store_true",
+                        help=f"write the fastest correct configurations into {ops.LAUNCH_TABLE_PATH}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -112,9 +149,15 @@ def main(argv=None) -> int:
                         log.info("%-4s %s: %s failed: %s", family, shape, r["config"], r["error"])
                 if timed and now:
                     log.info("%-4s %s: fastest %.4f ms vs current %.4f ms", family, shape, timed[0]["ms"], now["ms"])
+    info = provenance(torch.device("cuda"), argv or sys.argv[1:], "benchmarks.tune_configs")
+    if args.write_table:
+        source = f"timed on {info['gpu']} by benchmarks.tune_configs, {info['date'][:10]}"
+        entries = table_entries(results, {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype], source)
+        write_table(str(ops.LAUNCH_TABLE_PATH), entries)
+        log.info("wrote %d entries to %s; run python -m muse_kernels.aot to check them", len(entries),
+                 ops.LAUNCH_TABLE_PATH)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        info = provenance(torch.device("cuda"), argv or sys.argv[1:], "benchmarks.tune_configs")
         with open(os.path.join(args.out, "tune.json"), "w") as f:
             json.dump({"provenance": info, "rows": results}, f, indent=1)
     return 0

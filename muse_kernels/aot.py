@@ -124,9 +124,9 @@ def _unaligned_specs() -> list[KernelSpec]:
     for dim, dtype in itertools.product(sa.SUPPORTED_HEAD_DIMS, _INPUT_DTYPES):
         t = _TRITON_DTYPE[dtype]
         for precision in _precisions(dtype):
-            cfg = sa.fwd_config(dim, dtype)
             # Without V the kernel computes only the LSE (and the per-head KL with a teacher).
-            for has_v, teacher_dtype in itertools.product((True, False), (None, *_ATTN_DTYPES)):
+            for cfg, has_v, teacher_dtype in itertools.product(
+                    sa.table_configs("fwd", dim, dtype), (True, False), (None, *_ATTN_DTYPES)):
                 teacher = "fp32" if teacher_dtype is None else _TRITON_DTYPE[teacher_dtype]
                 specs.append(KernelSpec(
                     "_synergistic_attention_fwd_kernel",
@@ -136,10 +136,12 @@ def _unaligned_specs() -> list[KernelSpec]:
                      ("HAS_V", has_v), ("TEACHER", teacher_dtype is not None), ("INPUT_PRECISION", precision),
                      *_MUSE),
                     cfg.num_warps, cfg.num_stages))
-            specs += _maps_specs(sa.maps_config(dim, dtype), dim, t, precision, _MUSE, "fp32")
+            for cfg in sa.table_configs("maps", dim, dtype):
+                specs += _maps_specs(cfg, dim, t, precision, _MUSE, "fp32")
             if dtype in sa.SINGLE_PASS_DTYPES:
                 specs += _single_pass_specs(sa, dim, dtype, precision)
-            specs += _backward_specs(sa.bwd_config(dim, dtype), dim, t, precision)
+            for cfg in sa.table_configs("bwd", dim, dtype):
+                specs += _backward_specs(cfg, dim, t, precision)
             for mask in sa.MASK_KINDS:
                 specs += _general_specs(sa, dim, dtype, precision, mask)
     return specs
@@ -190,16 +192,22 @@ def _single_pass_specs(sa, dim: int, dtype: torch.dtype, precision: str) -> list
 def _general_specs(sa, dim: int, dtype: torch.dtype, precision: str, mask: str) -> list[KernelSpec]:
     t, mask_pointer = _TRITON_DTYPE[dtype], _MASK_POINTER[mask]
     general = (("GENERAL", True), ("MASK", mask))
-    cfg = sa.fwd_config(dim, dtype)
     specs = [KernelSpec(
         "_synergistic_attention_fwd_kernel",
         (("Q", t), ("K", t), ("V", t), ("Out", t), ("Lse", "fp32"), ("Teacher", "fp32"), ("RowLoss", "fp32"),
          ("Mask", mask_pointer)),
         (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n), ("HAS_V", True),
          ("TEACHER", False), ("INPUT_PRECISION", precision), *general),
-        cfg.num_warps, cfg.num_stages)]
-    specs += _maps_specs(sa.maps_config(dim, dtype), dim, t, precision, general, mask_pointer)
-    cfg = sa.bwd_config(dim, dtype)
+        cfg.num_warps, cfg.num_stages) for cfg in sa.table_configs("fwd", dim, dtype)]
+    for cfg in sa.table_configs("maps", dim, dtype):
+        specs += _maps_specs(cfg, dim, t, precision, general, mask_pointer)
+    for cfg in sa.table_configs("bwd", dim, dtype):
+        specs += _general_backward_specs(cfg, dim, t, precision, general, mask_pointer)
+    return specs
+
+
+def _general_backward_specs(cfg, dim: int, t: str, precision: str, general: tuple, mask_pointer: str) -> list[KernelSpec]:
+    specs = []
     blocks = (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n))
     extra = (("dAttn", "fp32"), ("Teacher", "fp32"), ("TeacherRowSum", "fp32"), ("KlGrad", "fp32"),
              ("Lse", "fp32"), ("Delta", "fp32"))

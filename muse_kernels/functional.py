@@ -119,7 +119,7 @@ def _check_kernel_inputs(q: torch.Tensor, backend: str, teacher: torch.Tensor | 
     if teacher is not None and teacher.dtype not in TEACHER_DTYPES:
         raise TypeError(f"teacher must be float32 or bfloat16 for backend={backend!r}, got {teacher.dtype}")
     bf16 = q.dtype == torch.bfloat16 or (teacher is not None and teacher.dtype == torch.bfloat16)
-    if bf16 and backend == "triton" and triton_interpreting():
+    if bf16 and backend == "triton" and q.device.type != "cuda" and triton_interpreting():
         supported, reason = bf16_supported()
         if not supported:
             raise RuntimeError(f"bf16 inputs under the Triton interpreter would give wrong numbers: its bf16 "

@@ -42,8 +42,12 @@ General attention (``GENERAL``, what transformers models need; unshielded, no te
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -611,25 +615,49 @@ class LaunchConfig:
     num_stages: int
 
 
-# Timed on an H100 with `python -m benchmarks.tune_configs` (benchmarks/results/nvidia-h100-80gb-hbm3/tune).
-def fwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    if head_dim <= 64:
-        # A third stage hides more of the K/V loads: 8-10 % faster at N = 256 and 1024.
-        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    return LaunchConfig(block_m=64, block_n=32 if dtype == torch.float32 else 64, num_warps=4, num_stages=2)
+LAUNCH_TABLE_PATH = Path(__file__).with_name("launch_configs.json")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def maps_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    if head_dim <= 64 and dtype != torch.float32:
-        # Larger tiles, more warps in flight for the store-bound map writes: 26 % faster at N = 256.
-        return LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+@functools.cache
+def launch_table() -> dict[tuple[str, str, int, str], tuple[tuple[float, LaunchConfig], ...]]:
+    """The committed launch configurations (``launch_configs.json``): (kernel, variant, head dim, dtype)
+    → ((max_seq, config), ...) in max_seq order, any-N entries (max_seq null) last as infinity."""
+    table = {}
+    for entry in json.loads(LAUNCH_TABLE_PATH.read_text())["entries"]:
+        key = (entry["kernel"], entry["variant"], entry["head_dim"], entry["dtype"])
+        max_seq = math.inf if entry["max_seq"] is None else entry["max_seq"]
+        config = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])
+        table.setdefault(key, []).append((max_seq, config))
+    return {key: tuple(sorted(rows, key=lambda row: row[0])) for key, rows in table.items()}
 
 
-def bwd_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    if head_dim <= 64:
-        return LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=1)
-    return LaunchConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
+def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, seq: int, variant: str = "") -> LaunchConfig:
+    """The table's configuration for a launch over ``seq`` keys (the smallest bucket that holds it)."""
+    rows = launch_table().get((kernel, variant, head_dim, _DTYPE_NAMES[dtype]), ())
+    config = next((config for max_seq, config in rows if seq <= max_seq), None)
+    if config is None:
+        raise LookupError(f"no launch configuration for kernel={kernel!r} variant={variant!r} head_dim={head_dim} "
+                          f"dtype={dtype} N={seq} in {LAUNCH_TABLE_PATH}")
+    return config
+
+
+def table_configs(kernel: str, head_dim: int, dtype: torch.dtype, variant: str = "") -> tuple[LaunchConfig, ...]:
+    """Every configuration the table holds for these launches, over all N buckets (what AOT compiles)."""
+    rows = launch_table().get((kernel, variant, head_dim, _DTYPE_NAMES[dtype]), ())
+    return tuple(dict.fromkeys(config for _, config in rows))
+
+
+def fwd_config(head_dim: int, dtype: torch.dtype, seq: int) -> LaunchConfig:
+    return launch_config("fwd", head_dim, dtype, seq)
+
+
+def maps_config(head_dim: int, dtype: torch.dtype, seq: int) -> LaunchConfig:
+    return launch_config("maps", head_dim, dtype, seq)
+
+
+def bwd_config(head_dim: int, dtype: torch.dtype, seq: int) -> LaunchConfig:
+    return launch_config("bwd", head_dim, dtype, seq)
 
 
 # The single-pass forward keeps a whole key row in one tile (BLOCK_KEYS = the smallest tile ≥ N), per
@@ -654,21 +682,12 @@ def single_pass_key_tile(seq: int, head_dim: int, dtype: torch.dtype) -> int | N
 
 def single_pass_config(key_tile: int, head_dim: int, dtype: torch.dtype, head_mean: bool,
                        teacher: bool = False) -> LaunchConfig:
-    """``block_n`` is the key tile. Chosen so that no aligned configuration spills on sm_80 / sm_90
-    (``muse_kernels.aot`` reports registers and local memory); not yet timed on a GPU. Head-mean maps
-    hold a second (running-mean) tile, hence the smaller query tiles; the fused loss (``teacher``)
-    runs on the finished mean, after the per-head tiles are dead."""
-    if not head_mean:
-        block_m, warps = (64, 4) if key_tile <= 128 else (32, 8)
-    elif key_tile == 64:
-        block_m, warps = 64, 4
-    elif key_tile == 128:
-        # With the loss tail and V, 32 query rows spilled at head dim 32 (and every config tried at 16:
-        # ``SINGLE_PASS_LOSS_KEY_TILES``).
-        block_m, warps = (16, 4) if teacher and head_dim == 32 else (32, 4)
-    else:
-        block_m, warps = (32, 8) if head_dim == 64 else (16, 4)
-    return LaunchConfig(block_m=block_m, block_n=key_tile, num_warps=warps, num_stages=1)
+    """``block_n`` is the key tile. The table's entries were chosen so that no aligned configuration
+    spills on sm_80 / sm_90 (``muse_kernels.aot`` reports registers and local memory); not yet timed on
+    a GPU. Head-mean maps hold a second (running-mean) tile, hence the smaller query tiles; the fused
+    loss (``teacher``) runs on the finished mean, after the per-head tiles are dead."""
+    variant = "head_mean_loss" if teacher else ("head_mean" if head_mean else "per_head")
+    return launch_config("single_pass", head_dim, dtype, key_tile, variant)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -678,8 +697,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv is a constexpr function: calling it from the host costs microseconds per launch.
+    return -(-a // b)
+
+
 def _bhn_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 def _map_strides(x: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -708,13 +732,16 @@ def triton_interpreting() -> bool:
 def new_output_like(v: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) output stored as (B, N, H, D), so that merging heads afterwards is a free view."""
     bsz, heads, seq, dim = v.shape
-    return v.new_empty(bsz, seq, heads, dim).transpose(1, 2)
+    return torch.empty_strided((bsz, heads, seq, dim), (seq * heads * dim, dim, heads * dim, 1),
+                               dtype=v.dtype, device=v.device)
 
 
 def new_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The output of q's heads and queries with v's head dim, laid out as ``new_output_like``."""
     bsz, heads, seq, _ = q.shape
-    return v.new_empty(bsz, seq, heads, v.shape[-1]).transpose(1, 2)
+    dim = v.shape[-1]
+    return torch.empty_strided((bsz, heads, seq, dim), (seq * heads * dim, dim, heads * dim, 1),
+                               dtype=v.dtype, device=v.device)
 
 
 def is_general(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> bool:
@@ -790,8 +817,8 @@ def synergistic_attention_forward(
     mask = lse if gen.mask is None else gen.mask
     general_scalars = (gen.n_keys, gen.kv_group, gen.causal_offset)
 
-    cfg = fwd_config(dim, q.dtype)
-    grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
+    cfg = fwd_config(dim, q.dtype, k.shape[2])
+    grid = (bsz * heads * _cdiv(seq, cfg.block_m),)
     # Absent tensors are passed as lse, a valid pointer the kernel never dereferences for them.
     _synergistic_attention_fwd_kernel[grid](
         q, k, lse if v is None else v, lse if out is None else out, lse,
@@ -810,9 +837,9 @@ def synergistic_attention_forward(
     n_keys = k.shape[2]
     map_shape = (bsz, seq, n_keys) if head_mean else (bsz, heads, seq, n_keys)
     attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
-    cfg = maps_config(dim, q.dtype)
+    cfg = maps_config(dim, q.dtype, n_keys)
     num_maps = bsz if head_mean else bsz * heads
-    grid = (num_maps * triton.cdiv(seq, cfg.block_m) * triton.cdiv(n_keys, cfg.block_n),)
+    grid = (num_maps * _cdiv(seq, cfg.block_m) * _cdiv(n_keys, cfg.block_n),)
     _synergistic_attention_maps_kernel[grid](
         q, k, lse, attn, mask,
         *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn), *gen.mask_strides,
@@ -832,7 +859,7 @@ def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_til
     attn = torch.empty((bsz, seq, seq) if head_mean else (bsz, heads, seq, seq), device=q.device, dtype=attn_dtype)
     row_loss = None if teacher is None else torch.empty(bsz, seq, device=q.device, dtype=torch.float32)
     cfg = single_pass_config(key_tile, dim, q.dtype, head_mean, teacher is not None)
-    grid = ((bsz if head_mean else bsz * heads) * triton.cdiv(seq, cfg.block_m),)
+    grid = ((bsz if head_mean else bsz * heads) * _cdiv(seq, cfg.block_m),)
     # Absent tensors are passed as lse, a valid pointer the kernel never dereferences.
     _synergistic_attention_single_pass_kernel[grid](
         q, k, lse if v is None else v, lse if out is None else out, lse, attn,
@@ -919,12 +946,12 @@ def synergistic_attention_backward(
         attn_grad_weight=1.0 / heads if grad_attn is not None and grad_attn.dim() == 3 else 1.0,
         kl_scale=kl_scale, dattn_kl_scale=dattn_kl_scale,
     )
-    cfg = bwd_config(dim, q.dtype)
+    cfg = bwd_config(dim, q.dtype, k.shape[2])
     flags = dict(HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, OUT_TO_QK=out_to_qk,
                  HAS_DATTN=has_dattn, TEACHER=has_teacher, INPUT_PRECISION=_input_precision(q.dtype),
                  GENERAL=gen.enabled, MASK=gen.mask_kind, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if compute_dqk:
-        grid = (bsz * heads * triton.cdiv(seq, cfg.block_m),)
+        grid = (bsz * heads * _cdiv(seq, cfg.block_m),)
         _synergistic_attention_bwd_dq_kernel[grid](
             q, k, v_, ptr(out), ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum),
             ptr(kl_grad), lse, delta, dq, ptr(gen.mask),
@@ -932,7 +959,7 @@ def synergistic_attention_backward(
             *do_strides, *_map_strides(grad_attn), *_map_strides(teacher), *_row_strides(teacher_rowsum),
             *_bhn_strides(dq), *gen.mask_strides, **common, **flags,
         )
-    grid = (bsz * k.shape[1] * triton.cdiv(k.shape[2], cfg.block_n),)
+    grid = (bsz * k.shape[1] * _cdiv(k.shape[2], cfg.block_n),)
     _synergistic_attention_bwd_dkdv_kernel[grid](
         q, k, v_, ptr(grad_out), ptr(grad_attn), ptr(teacher), ptr(teacher_rowsum), ptr(kl_grad),
         lse, delta, dk, delta if dv is None else dv, ptr(gen.mask),
@@ -1051,11 +1078,20 @@ def register_attention_ops(name: str, forward, backward, general: bool = False):
                              "attn_mask, causal, grouped-query heads or N_q != N_k; use backend='triton'")
         map_mode = "none" if return_attn is None else return_attn
         if use_eager_path(q, k, v, attn_mask):
+            if not needs_autograd(q, k, v):
+                # Inference (teachers, evaluation): no autograd node to build, nothing to save.
+                out, attn, _lse = forward(q, k, v, float(scale), map_mode, attn_dtype,
+                                          **general_kwargs(attn_mask, causal))
+                return out, attn
             return EagerAttention.apply(q, k, v, attn_mask, float(scale), map_mode, attn_dtype, shield, causal)
         out, attn, _lse = fwd_op(q, k, v, attn_mask, float(scale), map_mode, attn_dtype, shield, causal)
         return out, (None if return_attn is None else attn)
 
     return attention
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def use_eager_path(*tensors: torch.Tensor | None) -> bool:

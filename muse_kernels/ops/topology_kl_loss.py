@@ -24,6 +24,7 @@ import torch
 
 from muse_kernels.ops.synergistic_attention import (
     head_mean_kl_forward,
+    needs_autograd,
     new_output_like,
     synergistic_attention_backward,
     synergistic_attention_forward,
@@ -182,6 +183,9 @@ def register_topology_kl_ops(name: str, forward, backward, fused_head_mean=None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(out or None, loss)."""
         if use_eager_path(q, k, v, teacher):
+            if not needs_autograd(q, k, v):
+                out, loss, _lse, _map_grad = run_forward(q, k, v, teacher, float(scale), reduction, float(eps), validate)
+                return out, loss
             return EagerTopologyKL.apply(q, k, v, teacher, float(scale), reduction, float(eps), validate)
         out, loss, _lse, _map_grad = fwd_op(q, k, v, teacher, float(scale), reduction, float(eps), validate)
         return (out if v is not None else None), loss

@@ -323,3 +323,21 @@ def test_double_backward_is_refused_clearly(device):
     (dq,) = torch.autograd.grad(attn.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
         dq.sum().backward()
+
+
+@pytest.mark.parametrize("return_attn", (None, "head_mean"))
+def test_inference_calls_skip_the_autograd_node(return_attn, device):
+    """Without inputs that need gradients (teachers, evaluation) the launcher runs directly: same
+    outputs as a training call, no graph."""
+    q, k, v = make_qkv((2, 3, 40, 32), torch.bfloat16, device)
+    out, attn = synergistic_attention(q, k, v, return_attn=return_attn, backend="triton")
+    assert out.grad_fn is None and not out.requires_grad
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out_t, attn_t = synergistic_attention(qt, kt, vt, return_attn=return_attn, backend="triton")
+    assert out_t.grad_fn is not None
+    assert torch.equal(out, out_t.detach()) and (attn is None) == (attn_t is None)
+    if attn is not None:
+        assert torch.equal(attn, attn_t.detach())
+    with torch.no_grad():
+        out_n, _ = synergistic_attention(qt, kt, vt, return_attn=return_attn, backend="triton")
+    assert out_n.grad_fn is None and torch.equal(out_n, out)
