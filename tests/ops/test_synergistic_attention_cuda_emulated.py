@@ -240,7 +240,7 @@ def test_emulated_cuda_kernels_have_no_data_races(tmp_path):
     if "FATAL: ThreadSanitizer" in run.stderr:
         pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[:300]}")
     assert run.returncode == 0 and "WARNING: ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
-    assert run.stdout.split() == ["forward", "0", "maps", "0", "backward", "0"] * 6
+    assert run.stdout.split() == ["forward", "0", "maps", "0", "backward", "0"] * 7
 
 
 def test_emulated_cuda_backend_unaligned_rows(monkeypatch):

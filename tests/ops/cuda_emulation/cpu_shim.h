@@ -272,12 +272,16 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
     }
 }
 
-// cp.async.cg.shared.global with 16 bytes, `src_bytes` of them read (0: zero fill): complete at once.
+// cp.async.cg.shared.global with 16 bytes, all (16) or none (0: zero fill) of them read: complete at once.
+// Constant-size copies only: with a variable-size memset/memcpy pair here, g++ -O1 produced code whose
+// shared-memory write ThreadSanitizer did not see, so a deleted barrier before a cp.async refill went
+// unreported; constant-size copies are instrumented as plain 16-byte accesses.
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
     check_shared_row(dst, "cp.async");
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async source", src);
-    std::memset(dst, 0, 16);
-    std::memcpy(dst, src, static_cast<size_t>(src_bytes));
+    unsigned char bytes[16] = {};
+    if (src_bytes == 16) std::memcpy(bytes, src, 16);
+    std::memcpy(dst, bytes, 16);
 }
 
 }  // namespace emu

@@ -68,5 +68,7 @@ int main() {
     run<__half>(1, 1, 2, 45, 128, false, false);
     run<__nv_bfloat16>(2, 1, 2, 70, 64, false, false);
     run<__nv_bfloat16>(2, 1, 2, 70, 128, true, true);
+    // Three key and query tiles and three heads: every double buffer is refilled after being read.
+    run<__nv_bfloat16>(2, 1, 3, 150, 64, true, false);
     return 0;
 }
