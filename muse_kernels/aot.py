@@ -148,13 +148,20 @@ def _unaligned_specs() -> list[KernelSpec]:
 
 
 def _maps_specs(cfg, dim: int, t: str, precision: str, general: tuple, mask_pointer: str) -> list[KernelSpec]:
+    """Maps of either kind in either dtype; on the MUSE path also the head-mean loss's tail (fp32 map
+    gradient, fp32 or bf16 teacher)."""
+    paths = [(head_mean, attn_dtype, None) for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES)]
+    if general == _MUSE:
+        paths += [(True, torch.float32, teacher_dtype) for teacher_dtype in _ATTN_DTYPES]
     return [KernelSpec(
         "_synergistic_attention_maps_kernel",
-        (("Q", t), ("K", t), ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype]), ("Mask", mask_pointer)),
+        (("Q", t), ("K", t), ("Lse", "fp32"), ("Attn", _TRITON_DTYPE[attn_dtype]), ("Mask", mask_pointer),
+         ("Teacher", "fp32" if teacher_dtype is None else _TRITON_DTYPE[teacher_dtype]), ("RowLoss", "fp32")),
         (("HEAD_DIM", dim), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-         ("HEAD_MEAN", head_mean), ("INPUT_PRECISION", precision), *general),
+         ("HEAD_MEAN", head_mean), ("TEACHER", teacher_dtype is not None), ("INPUT_PRECISION", precision),
+         *general),
         cfg.num_warps, cfg.num_stages)
-        for head_mean, attn_dtype in itertools.product((False, True), _ATTN_DTYPES)]
+        for head_mean, attn_dtype, teacher_dtype in paths]
 
 
 # (HEAD_MEAN, HAS_V, TEACHER, map dtypes, teacher dtypes) of single-pass launches: attention with maps

@@ -192,18 +192,33 @@ def _synergistic_attention_fwd_kernel(
         tl.store(RowLoss + bh.to(tl.int64) * N + offs_m, row_loss, mask=row_ok)
 
 
+@triton.jit
+def _head_mean_loss_tail(Teacher, mean, b, offs_m, offs_n, tile_ok, stride_tb, stride_tm, eps):
+    """The official head-mean topology loss on a tile of s̄ (still in registers): the row sums of
+    t·log t − t·log(s̄ + eps) over the tile's keys, and the loss's map gradient −t / (s̄ + eps), as the
+    composed loss computes them (xlogy(t, t): 0 where t = 0); padded keys add nothing."""
+    t = tl.load(Teacher + b * stride_tb + offs_m[:, None] * stride_tm + offs_n[None, :],
+                mask=tile_ok, other=0.0).to(tl.float32)
+    denom = mean + eps
+    terms = t * tl.log(tl.where(t == 0.0, 1.0, t)) - t * tl.log(denom)
+    return tl.sum(tl.where(tile_ok, terms, 0.0), 1), -t / denom
+
+
 @triton.jit(do_not_specialize=GENERAL_SCALARS)
 def _synergistic_attention_maps_kernel(
-    Q, K, Lse, Attn, Mask,
+    Q, K, Lse, Attn, Mask, Teacher, RowLoss,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_ab, stride_ah, stride_am, stride_an,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, N, N_K, kv_group, causal_offset, qk_scale_log2,
+    stride_tb, stride_tm,
+    H, N, N_K, kv_group, causal_offset, qk_scale_log2, eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_MEAN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_MEAN: tl.constexpr, TEACHER: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     GENERAL: tl.constexpr, MASK: tl.constexpr,
 ):
+    """TEACHER (head-mean, MUSE path): the head-mean loss's tail on the tile (``_head_mean_loss_tail``):
+    Attn gets the map gradient, RowLoss (B, N, key blocks) each key block's share of the row terms."""
     if GENERAL:
         n_keys = N_K
     else:
@@ -255,9 +270,13 @@ def _synergistic_attention_maps_kernel(
         h_out = 0
     else:
         h_out = h_first.to(tl.int64)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if TEACHER:
+        row_terms, acc = _head_mean_loss_tail(Teacher, acc, b, offs_m, offs_n, tile_ok, stride_tb, stride_tm, eps)
+        tl.store(RowLoss + (b * N + offs_m) * num_n_blocks + n_block, row_terms, mask=row_ok)
     a_ptrs = (Attn + b * stride_ab + h_out * stride_ah
               + offs_m[:, None].to(tl.int64) * stride_am + offs_n[None, :].to(tl.int64) * stride_an)
-    tl.store(a_ptrs, acc.to(Attn.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(a_ptrs, acc.to(Attn.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -336,13 +355,10 @@ def _synergistic_attention_single_pass_kernel(
         mean = mean / H
         tile_ok = row_ok[:, None] & col_ok[None, :]
         if TEACHER:
-            t = tl.load(Teacher + b * stride_tb + offs_m[:, None] * stride_tm + offs_k[None, :],
-                        mask=tile_ok, other=0.0).to(tl.float32)
-            denom = mean + eps
-            # As the unfused loss computes it (xlogy(t, t) − t·log(s̄ + eps)); padded keys add nothing.
-            terms = t * tl.log(tl.where(t == 0.0, 1.0, t)) - t * tl.log(denom)
-            tl.store(RowLoss + b * N + offs_m, tl.sum(tl.where(tile_ok, terms, 0.0), 1), mask=row_ok)
-            tl.store(Attn + b * N * N + a_offsets, -t / denom, mask=tile_ok)
+            row_terms, map_grad = _head_mean_loss_tail(Teacher, mean, b, offs_m, offs_k, tile_ok, stride_tb,
+                                                       stride_tm, eps)
+            tl.store(RowLoss + b * N + offs_m, row_terms, mask=row_ok)
+            tl.store(Attn + b * N * N + a_offsets, map_grad, mask=tile_ok)
         else:
             tl.store(Attn + b * N * N + a_offsets, mean.to(Attn.dtype.element_ty), mask=tile_ok)
     else:
@@ -833,22 +849,35 @@ def synergistic_attention_forward(
 
     if map_mode == "none":
         return out, None, lse, row_kl
+    attn, _ = _maps_forward(q, k, lse, scale, map_mode, attn_dtype, gen)
+    return out, attn, lse, row_kl
+
+
+def _maps_forward(q, k, lse, scale, map_mode, attn_dtype, gen, teacher=None, eps=0.0):
+    """(maps, row_loss or None) from ``_synergistic_attention_maps_kernel`` and the stored LSE. With a
+    (B, N, N) ``teacher`` (head-mean maps), the maps are the loss's map gradient and row_loss
+    (B, N, key blocks) holds each key block's share of the row terms."""
+    bsz, heads, seq, dim = q.shape
     head_mean = map_mode == "head_mean"
     n_keys = k.shape[2]
     map_shape = (bsz, seq, n_keys) if head_mean else (bsz, heads, seq, n_keys)
     attn = torch.empty(map_shape, device=q.device, dtype=attn_dtype)
     cfg = maps_config(dim, q.dtype, n_keys)
+    key_blocks = _cdiv(n_keys, cfg.block_n)
+    row_loss = None if teacher is None else torch.empty(bsz, seq, key_blocks, device=q.device, dtype=torch.float32)
     num_maps = bsz if head_mean else bsz * heads
-    grid = (num_maps * _cdiv(seq, cfg.block_m) * _cdiv(n_keys, cfg.block_n),)
+    grid = (num_maps * _cdiv(seq, cfg.block_m) * key_blocks,)
     _synergistic_attention_maps_kernel[grid](
-        q, k, lse, attn, mask,
+        q, k, lse, attn, lse if gen.mask is None else gen.mask,
+        lse if teacher is None else teacher, lse if row_loss is None else row_loss,
         *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn), *gen.mask_strides,
-        heads, seq, *general_scalars, qk_scale_log2,
+        *((0, 0) if teacher is None else teacher.stride()[:2]),
+        heads, seq, gen.n_keys, gen.kv_group, gen.causal_offset, scale * LOG2E, eps,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_MEAN=head_mean,
-        INPUT_PRECISION=precision, GENERAL=gen.enabled, MASK=gen.mask_kind,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TEACHER=teacher is not None, INPUT_PRECISION=_input_precision(q.dtype), GENERAL=gen.enabled,
+        MASK=gen.mask_kind, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, attn, lse, row_kl
+    return attn, row_loss
 
 
 def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_tile, teacher=None, eps=0.0):
@@ -876,19 +905,22 @@ def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_til
 
 def head_mean_kl_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, teacher: torch.Tensor, scale: float, eps: float,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The official (head-mean) topology loss in one kernel: (out or None, loss, lse2, map gradient
-    −t / (s̄ + eps), fp32 (B, N, N)); None where the single-pass forward does not apply (see
-    ``single_pass_key_tile``), and the caller composes the loss from the head-mean maps instead."""
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official (head-mean) topology loss with s̄ kept in registers: (out or None, loss, lse2, map
+    gradient −t / (s̄ + eps), fp32 (B, N, N)). Where every key fits in one tile (``single_pass_key_tile``,
+    ``SINGLE_PASS_LOSS_KEY_TILES``) one kernel does it all; elsewhere the flash forward (out, LSE) and
+    the maps kernel with the loss tail."""
     bsz, heads, seq, dim = q.shape
     key_tile = single_pass_key_tile(seq, dim, q.dtype)
-    if key_tile not in SINGLE_PASS_LOSS_KEY_TILES.get(dim, ()):
-        return None
-    out = None if v is None else new_output_like(v)
-    lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
-    out, map_grad, row_loss = _single_pass_forward(q, k, v, out, lse, scale, "head_mean", torch.float32, key_tile,
-                                                   teacher, eps)
-    return out, row_loss.mean(), lse, map_grad
+    if key_tile in SINGLE_PASS_LOSS_KEY_TILES.get(dim, ()):
+        out = None if v is None else new_output_like(v)
+        lse = torch.empty(bsz, heads, seq, device=q.device, dtype=torch.float32)
+        out, map_grad, row_loss = _single_pass_forward(q, k, v, out, lse, scale, "head_mean", torch.float32,
+                                                       key_tile, teacher, eps)
+        return out, row_loss.mean(), lse, map_grad
+    out, _, lse, _ = synergistic_attention_forward(q, k, v, scale)
+    map_grad, row_loss = _maps_forward(q, k, lse, scale, "head_mean", torch.float32, _MUSE_ARGS, teacher, eps)
+    return out, row_loss.sum(-1).mean(), lse, map_grad
 
 
 def synergistic_attention_backward(

@@ -6,13 +6,13 @@ The kernels are the Synergistic attention kernels (``synergistic_attention.py``)
   flash-style forward (Σ t·log t, Σ t·S, Σ t) and the row LSE — no map is ever written. Its
   gradient with respect to the logits is ``(rowsum(t)·A − t)`` times the upstream factor, which the
   backward kernels add to dS tile by tile, again with no map in memory.
-* ``head_mean`` (official code): the loss needs s̄ = mean over heads of A. Where every key fits in
-  one tile (fp16/bf16, N ≤ 256: ``head_mean_kl_forward``), one program per (batch, query tile) runs
-  all heads, keeps s̄ in registers and writes only the row losses and the map gradient
-  dL/ds̄ = −t/(s̄ + eps); the backward applies the upstream gradient on the device. Elsewhere the
-  maps kernel writes the (B, N, N) head mean (H times smaller than the per-head maps; those never
-  exist) and the loss and its map gradient are elementwise work over it. Either way the map
-  gradient enters the attention backward as a head-mean map gradient.
+* ``head_mean`` (official code): the loss needs s̄ = mean over heads of A, which stays in registers
+  (``head_mean_kl_forward``): where every key fits in one tile (fp16/bf16, N ≤ 256) one program per
+  (batch, query tile) runs all heads; elsewhere the maps kernel's head-mean programs, one per (batch,
+  query block, key block), after the flash forward's LSE. Either way the kernel writes only the row
+  terms and the map gradient dL/ds̄ = −t/(s̄ + eps), which enters the attention backward as a
+  head-mean map gradient scaled by the upstream gradient on the device. Backends without such a
+  kernel (CUDA C++) write the (B, N, N) mean map and do the loss's elementwise work over it.
 
 With ``v`` the same forward also produces the attention output (one pass over Q·Kᵀ for both), and
 the backward is shielded: dV from dO, dQ/dK from the KL only.
@@ -58,13 +58,12 @@ def topology_kl_forward(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out or None, loss, lse2, head-mean map gradient −t / (s̄ + eps) or None); ``forward``
     is a backend's attention forward launcher (``synergistic_attention_forward``'s signature),
-    ``fused_head_mean`` its one-kernel head-mean loss (``head_mean_kl_forward``'s), if it has one."""
+    ``fused_head_mean`` its head-mean loss without the mean map (``head_mean_kl_forward``'s), if it has one."""
     if reduction == "per_head":
         out, _, lse, row_kl = forward(q, k, v, scale, teacher=teacher)
         return out, row_kl.mean(), lse, None
-    fused = None if fused_head_mean is None else fused_head_mean(q, k, v, teacher, scale, eps)
-    if fused is not None:
-        return fused
+    if fused_head_mean is not None:
+        return fused_head_mean(q, k, v, teacher, scale, eps)
     out, mean_map, lse, _ = forward(q, k, v, scale, "head_mean", torch.float32)
     t = teacher.float()
     denom = mean_map + eps

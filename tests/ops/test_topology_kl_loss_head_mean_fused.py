@@ -1,7 +1,8 @@
-"""The official (head-mean) topology loss in one kernel (fp16/bf16, N ≤ 256): parity with the fp64
-reference (FlashAttention rule) for the loss and every gradient on the key tiles' boundaries, with
-and without the attention output; agreement with the composed path; which kernels run; the upstream
-gradient applied on the device."""
+"""The official (head-mean) topology loss with s̄ kept in registers (single pass for fp16/bf16 and
+N ≤ 256, the maps kernel's loss tail elsewhere): parity with the fp64 reference (FlashAttention
+rule) for the loss and every gradient on the key tiles' boundaries, with and without the attention
+output; agreement with the composed path; which kernels run; the upstream gradient applied on the
+device."""
 
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ def test_fused_head_mean_attention_and_loss(seq, dtype, device):
     check_fused_attention_and_loss((2, 3, seq, 64), dtype, device, "head_mean", True)
 
 
+@pytest.mark.parametrize("shape,dtype", (((2, 3, 300, 64), torch.bfloat16), ((2, 3, 130, 64), torch.float32),
+                                         ((1, 2, 100, 16), torch.float16)), ids=str)
+def test_maps_kernel_loss_tail_parity(shape, dtype, device):
+    """Beyond the single pass (N > 256, fp32, small head dims): the maps kernel's loss tail."""
+    assert op.single_pass_key_tile(shape[2], shape[3], dtype) not in op.SINGLE_PASS_LOSS_KEY_TILES.get(shape[3], ())
+    check_loss_parity(shape, dtype, device, "head_mean", True, layout="bnhd")
+
+
+def test_maps_kernel_loss_tail_with_the_attention_output(device):
+    check_fused_attention_and_loss((1, 2, 70, 128), torch.float16, device, "head_mean", True)
+
+
 def _loss_and_grads(q, k, teacher, v=None, grad_out=None, weight=1.0):
     q, k = (x.detach().requires_grad_() for x in (q, k))
     if v is None:
@@ -48,11 +61,13 @@ def _loss_and_grads(q, k, teacher, v=None, grad_out=None, weight=1.0):
     return (loss, *_grads(total, (q, k) if v is None else (q, k, v)))
 
 
-def test_agrees_with_the_composed_path(device):
+@pytest.mark.parametrize("seq,dtype", ((100, torch.bfloat16), (300, torch.bfloat16), (100, torch.float32)),
+                         ids=("single_pass", "maps_kernel", "maps_kernel-fp32"))
+def test_agrees_with_the_composed_path(seq, dtype, device):
     """Same fp32 arithmetic as the mean-map path (maps kernel, elementwise loss and map gradient,
     scaled on the host): loss, saved map gradient and gradients agree to fp32 rounding."""
-    q, k, v = make_qkv((2, 4, 100, 64), torch.bfloat16, device, "bnhd")
-    teacher = make_teacher(2, 100, dtype=torch.bfloat16, device=device)
+    q, k, v = make_qkv((2, 4, seq, 64), dtype, device, "bnhd")
+    teacher = make_teacher(2, seq, dtype=torch.bfloat16, device=device)
     grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(device, v.dtype)
     grad_loss = torch.tensor(0.7, device=device)
     results = []
@@ -93,42 +108,41 @@ class _Recorder:
         return launch
 
 
-@pytest.mark.parametrize("seq,dim,dtype,forward,fused", [
-    (256, 64, torch.bfloat16, ["single_pass"], True),
-    (5, 16, torch.float16, ["single_pass"], True),
-    # Composed: head-mean maps (single pass or flash forward + maps kernel), the loss in PyTorch.
-    (100, 16, torch.float16, ["single_pass"], False),
-    (257, 64, torch.bfloat16, ["fwd", "maps"], False),
-    (64, 128, torch.bfloat16, ["fwd", "maps"], False),
-    (64, 64, torch.float32, ["fwd", "maps"], False),
+@pytest.mark.parametrize("seq,dim,dtype,expected", [
+    (256, 64, torch.bfloat16, ["single_pass+loss"]),
+    (5, 16, torch.float16, ["single_pass+loss"]),
+    # Elsewhere the flash forward's LSE, then the maps kernel's head-mean programs with the loss tail.
+    (100, 16, torch.float16, ["fwd", "maps+loss"]),
+    (257, 64, torch.bfloat16, ["fwd", "maps+loss"]),
+    (64, 128, torch.bfloat16, ["fwd", "maps+loss"]),
+    (64, 64, torch.float32, ["fwd", "maps+loss"]),
 ])
-def test_dispatch(seq, dim, dtype, forward, fused, monkeypatch, device):
+def test_dispatch(seq, dim, dtype, expected, monkeypatch, device):
     launches = []
     for name in ("single_pass", "fwd", "maps", "bwd_dq", "bwd_dkdv"):
         attr = f"_synergistic_attention_{name}_kernel"
         monkeypatch.setattr(op, attr, _Recorder(getattr(op, attr), name, launches))
     q, k, _ = (x.requires_grad_() for x in make_qkv((1, 2, seq, dim), dtype, device))
     topology_kl_loss(q, k, make_teacher(1, seq, device=device), reduction="head_mean", backend="triton").backward()
-    assert [name for name, _ in launches] == [*forward, "bwd_dq", "bwd_dkdv"]
-    assert launches[0][1]["TEACHER"] == fused and not launches[0][1]["HAS_V"]
-    maps = launches[len(forward) - 1][1]
-    assert maps["HEAD_MEAN"]
+    named = [name + ("+loss" if name != "fwd" and kwargs.get("TEACHER") else "") for name, kwargs in launches]
+    assert named == [*expected, "bwd_dq", "bwd_dkdv"]
+    assert all(kwargs["HEAD_MEAN"] for name, kwargs in launches if name in ("single_pass", "maps"))
+    assert not launches[0][1]["HAS_V"]
 
 
-def test_fused_map_gradient_matches_its_formula(device):
-    """The kernel's saved tensor is −t / (s̄ + eps) and its loss the mean of the row terms."""
-    q, k, _ = make_qkv((2, 3, 70, 32), torch.bfloat16, device)
-    teacher = make_teacher(2, 70, device=device)
+@pytest.mark.parametrize("seq,dtype", ((70, torch.bfloat16), (257, torch.bfloat16), (70, torch.float32)))
+def test_fused_map_gradient_matches_its_formula(seq, dtype, device):
+    """The saved tensor is −t / (s̄ + eps) and the loss the mean of the row terms, on both kernels."""
+    q, k, _ = make_qkv((2, 3, seq, 32), dtype, device)
+    teacher = make_teacher(2, seq, device=device)
     eps = 1e-3
     out, loss, lse, map_grad = op.head_mean_kl_forward(q, k, None, teacher, 0.3, eps)
-    assert out is None and map_grad.shape == (2, 70, 70) and map_grad.dtype == torch.float32
+    assert out is None and map_grad.shape == (2, seq, seq) and map_grad.dtype == torch.float32
     mean = torch.softmax(0.3 * q.double() @ k.double().transpose(-1, -2), -1).mean(1)
     t = teacher.double()
     torch.testing.assert_close(map_grad.double(), -t / (mean + eps), rtol=1e-2, atol=1e-4)
     expected = (torch.xlogy(t, t) - t * torch.log(mean + eps)).sum(-1).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-4)
-    assert op.head_mean_kl_forward(*make_qkv((1, 1, 257, 32), torch.bfloat16, device)[:2], None,
-                                   make_teacher(1, 257, device=device), 0.3, eps) is None
 
 
 def test_map_gradient_scale_needs_its_factor():
