@@ -10,10 +10,9 @@ Forward
     (map, query block, key block). For head-mean maps a program loops over the heads and averages in
     registers: deterministic, no atomics, and the (B, H, N, N) tensor never exists.
   * ``_synergistic_attention_single_pass_kernel`` replaces both when maps are wanted and every key
-    fits in one tile (MUSE path, fp16/bf16, no teacher, N ≤ 256 at head dim 32/64, ≤ 128 at 16:
-    ``single_pass_key_tile``): out,
-    LSE and maps come from one score tile per head; a head-mean program runs all heads of its query
-    tile and writes the mean once.
+    fits in one tile (MUSE path, fp16/bf16, no per-head teacher, N ≤ 256 at head dim 32/64, ≤ 128 at
+    16: ``single_pass_key_tile``): out, LSE and maps come from one score tile per head; a head-mean
+    program runs all heads of its query tile and writes the mean once.
 
 Backward (two deterministic kernels, no atomics)
   * ``_synergistic_attention_bwd_dq_kernel`` (per query block) computes the row term
@@ -648,9 +647,13 @@ def launch_table() -> dict[tuple[str, str, int, str], tuple[tuple[float, LaunchC
     return {key: tuple(sorted(rows, key=lambda row: row[0])) for key, rows in table.items()}
 
 
+def _table_rows(kernel: str, head_dim: int, dtype: torch.dtype, variant: str) -> tuple[tuple[float, LaunchConfig], ...]:
+    return launch_table().get((kernel, variant, head_dim, _DTYPE_NAMES[dtype]), ())
+
+
 def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, seq: int, variant: str = "") -> LaunchConfig:
     """The table's configuration for a launch over ``seq`` keys (the smallest bucket that holds it)."""
-    rows = launch_table().get((kernel, variant, head_dim, _DTYPE_NAMES[dtype]), ())
+    rows = _table_rows(kernel, head_dim, dtype, variant)
     config = next((config for max_seq, config in rows if seq <= max_seq), None)
     if config is None:
         raise LookupError(f"no launch configuration for kernel={kernel!r} variant={variant!r} head_dim={head_dim} "
@@ -660,8 +663,7 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, seq: int, vari
 
 def table_configs(kernel: str, head_dim: int, dtype: torch.dtype, variant: str = "") -> tuple[LaunchConfig, ...]:
     """Every configuration the table holds for these launches, over all N buckets (what AOT compiles)."""
-    rows = launch_table().get((kernel, variant, head_dim, _DTYPE_NAMES[dtype]), ())
-    return tuple(dict.fromkeys(config for _, config in rows))
+    return tuple(dict.fromkeys(config for _, config in _table_rows(kernel, head_dim, dtype, variant)))
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype, seq: int) -> LaunchConfig:
@@ -722,6 +724,11 @@ def _bhn_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride()[:3]
 
 
+def _teacher_strides(teacher: torch.Tensor | None) -> tuple[int, int]:
+    """(batch, query) strides of a (B, N, N) teacher with contiguous rows; zeros without one."""
+    return (0, 0) if teacher is None else teacher.stride()[:2]
+
+
 def _map_strides(x: torch.Tensor | None) -> tuple[int, int, int, int]:
     """(batch, head, query, key) strides of a (B, H, N, N) tensor; a (B, N, N) tensor is shared by all
     heads (head stride 0). None gives zeros: the kernel never reads it."""
@@ -747,9 +754,7 @@ def triton_interpreting() -> bool:
 
 def new_output_like(v: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) output stored as (B, N, H, D), so that merging heads afterwards is a free view."""
-    bsz, heads, seq, dim = v.shape
-    return torch.empty_strided((bsz, heads, seq, dim), (seq * heads * dim, dim, heads * dim, 1),
-                               dtype=v.dtype, device=v.device)
+    return new_output(v, v)
 
 
 def new_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -871,7 +876,7 @@ def _maps_forward(q, k, lse, scale, map_mode, attn_dtype, gen, teacher=None, eps
         q, k, lse, attn, lse if gen.mask is None else gen.mask,
         lse if teacher is None else teacher, lse if row_loss is None else row_loss,
         *_bhn_strides(q), *_bhn_strides(k), *_map_strides(attn), *gen.mask_strides,
-        *((0, 0) if teacher is None else teacher.stride()[:2]),
+        *_teacher_strides(teacher),
         heads, seq, gen.n_keys, gen.kv_group, gen.causal_offset, scale * LOG2E, eps,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_MEAN=head_mean,
         TEACHER=teacher is not None, INPUT_PRECISION=_input_precision(q.dtype), GENERAL=gen.enabled,
@@ -894,7 +899,7 @@ def _single_pass_forward(q, k, v, out, lse, scale, map_mode, attn_dtype, key_til
         q, k, lse if v is None else v, lse if out is None else out, lse, attn,
         lse if teacher is None else teacher, lse if row_loss is None else row_loss,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(k if v is None else v),
-        *_bhn_strides(k if out is None else out), *((0, 0) if teacher is None else teacher.stride()[:2]),
+        *_bhn_strides(k if out is None else out), *_teacher_strides(teacher),
         heads, seq, scale * LOG2E, eps,
         HEAD_DIM=dim, BLOCK_M=cfg.block_m, BLOCK_KEYS=key_tile, HEAD_MEAN=head_mean, HAS_V=v is not None,
         TEACHER=teacher is not None, INPUT_PRECISION=_input_precision(q.dtype),
@@ -937,7 +942,8 @@ def synergistic_attention_backward(
     receives 1/H of it). With ``teacher``, the per-head KL's gradient ``kl_grad · kl_scale ·
     (rowsum(t)·A − t)`` (``kl_grad`` a 0-dim tensor, read on the device: no host sync) is added to
     the logits' gradient. Without a teacher, a nonzero ``dattn_kl_scale`` scales ``grad_attn`` by
-    ``kl_grad · dattn_kl_scale`` (the fused head-mean loss's map gradient, ``head_mean_kl_forward``). dv is None without ``v``, zero when ``grad_out`` is None. The general path
+    ``kl_grad · dattn_kl_scale`` (the fused head-mean loss's map gradient, ``head_mean_kl_forward``).
+    dv is None without ``v``, zero when ``grad_out`` is None. The general path
     (``attn_mask``, ``causal``, GQA, N_q ≠ N_k) is unshielded and takes no teacher.
     """
     bsz, heads, seq, dim = q.shape
